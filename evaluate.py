@@ -1,0 +1,21 @@
+"""Evaluate a trained checkpoint: test perplexity, prefill/decode throughput, a text sample.
+
+    python evaluate.py ckpt_path=outputs/train/runs/<run>/checkpoints/last.ckpt [data=...] [prompt="ROMEO:"]
+    python evaluate.py "ckpt_path='outputs/train/runs/experts=8,seed=0/checkpoints/last.ckpt'"  # '=' or ',' in the path
+
+See conf/eval.yaml and sectional_moe/evaluate.py.
+"""
+
+import hydra
+from omegaconf import DictConfig
+
+from sectional_moe.evaluate import main as run
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
+def main(cfg: DictConfig) -> None:
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

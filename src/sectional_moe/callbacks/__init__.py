@@ -1,0 +1,11 @@
+"""Lightning callbacks: metrics (throughput, MFU, memory, expert load) and run safety."""
+
+from sectional_moe.callbacks.expert_load import ExpertLoadMonitor
+
+__all__ = ["ExpertLoadMonitor"]
+
+from sectional_moe.callbacks.memory import MemoryMonitor  # noqa: E402
+from sectional_moe.callbacks.throughput import SpeedMonitor  # noqa: E402
+from sectional_moe.callbacks.wandb_summary import WandbSummary  # noqa: E402
+
+__all__ += ["MemoryMonitor", "SpeedMonitor", "WandbSummary"]

@@ -1,0 +1,111 @@
+"""Start-up validation of a composed config: every key a user can get wrong, checked once.
+
+:func:`validate_config` runs before any data is loaded or model built, and raises
+:class:`~sectional_moe.errors.ConfigError` naming the key, the bad value and the fix. Data errors
+(missing files, empty or too-short corpora, an uncached hub dataset offline) are raised by the
+data module's ``prepare_data`` as :class:`~sectional_moe.errors.DataError`, still before training.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from sectional_moe.errors import ConfigError
+from sectional_moe.optim import SCHEDULES
+from sectional_moe.spec import ModelSpec, spec_from_config
+
+PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+def _positive(value: Any, key: str, kind: type = int, allow_zero: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        ok = ok and float(value).is_integer()
+    if not ok or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(key, f"{key.rsplit('.', 1)[-1]}={value!r} must be a {'number' if kind is float else 'whole number'} {bound}")
+
+
+def resolve_device_type(trainer: Mapping[str, Any]) -> str:
+    """The device type a run will use: ``cuda`` or ``cpu``."""
+    acc = str(trainer.get("accelerator", "auto"))
+    if acc in ("gpu", "cuda"):
+        return "cuda"
+    if acc == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return acc
+
+
+def resolve_precision(trainer: Mapping[str, Any]) -> str:
+    """``auto`` -> ``bf16-mixed`` on CUDA, ``32-true`` on CPU."""
+    p = str(trainer.get("precision", "auto"))
+    if p == "auto":
+        return "bf16-mixed" if resolve_device_type(trainer) == "cuda" else "32-true"
+    return p
+
+
+def resolve_compile(cfg: Mapping[str, Any]) -> bool:
+    value = cfg.get("compile", "auto")
+    if value == "auto":
+        return resolve_device_type(cfg["trainer"]) == "cuda"
+    return bool(value)
+
+
+def validate_config(cfg: Mapping[str, Any]) -> ModelSpec:
+    """Check the whole config; return the model spec (with ``data.vocab_size`` as a provisional
+    vocabulary, replaced by the tokenizer's real size once data is prepared)."""
+    data, optim, trainer = cfg["data"], cfg["optim"], cfg["trainer"]
+    seq_reduction = cfg["model"].get("seq_reduction") if cfg["model"].get("family") == "sectional" else None
+    if isinstance(seq_reduction, str) and seq_reduction != "experts":
+        raise ConfigError("model.seq_reduction", f"seq_reduction={seq_reduction!r}: use an integer or 'experts' (r = E)")
+    spec = spec_from_config(cfg)
+
+    _positive(data.get("batch_size"), "data.batch_size")
+    _positive(data.get("vocab_size"), "data.vocab_size")
+    _positive(optim.get("lr"), "optim.lr", float)
+    _positive(optim.get("weight_decay"), "optim.weight_decay", float, allow_zero=True)
+    _positive(optim.get("warmup_steps"), "optim.warmup_steps", int, allow_zero=True)
+    if optim.get("schedule") not in SCHEDULES:
+        raise ConfigError("optim.schedule", f"schedule={optim.get('schedule')!r}; use one of {', '.join(SCHEDULES)}")
+    if not 0 <= float(optim.get("min_lr_ratio", 0)) <= 1:
+        raise ConfigError("optim.min_lr_ratio", f"min_lr_ratio={optim.get('min_lr_ratio')} must be in [0, 1]")
+    betas = list(optim.get("betas", []))
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ConfigError("optim.betas", f"betas={betas} must be two numbers in [0, 1), e.g. [0.9, 0.95]")
+
+    max_steps = trainer.get("max_steps")
+    _positive(max_steps, "trainer.max_steps")
+    if optim["warmup_steps"] >= max_steps and not trainer.get("fast_dev_run"):
+        raise ConfigError("optim.warmup_steps", f"warmup_steps={optim['warmup_steps']} >= trainer.max_steps={max_steps}; shorten the warmup")
+    vci = trainer.get("val_check_interval")
+    _positive(vci, "trainer.val_check_interval")
+    if vci > max_steps and not trainer.get("fast_dev_run"):
+        raise ConfigError("trainer.val_check_interval", f"val_check_interval={vci} > max_steps={max_steps}: no validation would run; use val_check_interval<={max_steps}")
+    _positive(trainer.get("gradient_clip_val") or 0, "trainer.gradient_clip_val", float, allow_zero=True)
+    _positive(trainer.get("accumulate_grad_batches"), "trainer.accumulate_grad_batches")
+
+    precision = str(trainer.get("precision", "auto"))
+    if precision not in PRECISIONS:
+        raise ConfigError("trainer.precision", f"precision={precision!r}; use one of {', '.join(PRECISIONS)}")
+    device = resolve_device_type(trainer)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.accelerator", f"accelerator={trainer.get('accelerator')} but no CUDA device is visible; use trainer=cpu (or trainer.accelerator=auto)")
+    if device == "cpu" and precision.startswith("16"):
+        raise ConfigError("trainer.precision", f"precision={precision} (fp16) is not supported on CPU; use 32-true or bf16-mixed")
+
+    peak = cfg.get("hardware", {}).get("peak_tflops")
+    if peak is not None:
+        _positive(peak, "hardware.peak_tflops", float)
+
+    wandb_cfg = (cfg.get("logger") or {}).get("wandb")
+    if wandb_cfg is not None and wandb_cfg.get("mode", "auto") not in WANDB_MODES:
+        raise ConfigError("logger.wandb.mode", f"mode={wandb_cfg.get('mode')!r}; use one of {', '.join(WANDB_MODES)}")
+
+    resume = cfg.get("resume", "auto")
+    if resume not in ("auto", "never", None) and not Path(str(resume)).is_file():
+        raise ConfigError("resume", f"resume={resume!r} is neither auto/never nor an existing checkpoint file")
+    return spec

@@ -1,0 +1,246 @@
+"""Peak FLOP/s of the device a run trains on: the denominator of MFU.
+
+Three sources, in order of precedence (:func:`peak_flops` returns the value and which one won):
+
+1. ``override``: ``hardware.peak_tflops`` from the config (dense TFLOP/s per device);
+2. ``table:<name>``: a CUDA device found in :data:`GPU_PEAKS` by its ``torch.cuda.get_device_name()``;
+3. ``cpu-probe:<file>``: on CPU, the best rate of a short matmul probe (:func:`cpu_probe`),
+   measured once per machine, thread count and dtype, and cached as JSON under
+   ``{cache_dir}/hardware/<hostname>-<cpu model hash>.json``.
+
+Anything else (an unknown GPU name, MPS, fp64) is ``unknown`` with no peak: no MFU is logged rather
+than a wrong one (ecosystem.md pitfalls P9/P10).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import re
+import socket
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from sectional_moe.errors import ConfigError
+
+TFLOPS = 1e12
+
+# Dense peak TFLOP/s per device, from NVIDIA/AMD datasheets and architecture whitepapers.
+# Convention: DENSE tensor-core rates (never the 2:4-sparsity figures that datasheets print first,
+# which are exactly 2x), with FP32 accumulation, as PyTorch's bf16/fp16 matmuls use;
+# "tf32" is the dense TF32 tensor-core rate, "fp32" the plain CUDA-core FP32 rate.
+# None = the dtype has no tensor-core path on that device (e.g. bf16 on V100/T4): no MFU.
+GPU_PEAKS: dict[str, dict[str, float | None]] = {
+    # Blackwell: HGX B200 datasheet (8-GPU totals / 8, sparse figures halved)
+    "b200": {"bf16": 2250.0, "fp16": 2250.0, "tf32": 1125.0, "fp32": 75.0},
+    # Hopper: H100 datasheet; H200 and GH200 have the H100 SXM compute (more/faster memory only)
+    "h100-sxm": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},
+    "h100-pcie": {"bf16": 756.0, "fp16": 756.0, "tf32": 378.0, "fp32": 51.2},
+    "h100-nvl": {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0},
+    "h200": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},
+    "h200-nvl": {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0},
+    # Ada: Ada architecture whitepaper v2.1 and the L4 / L40S datasheets
+    "l40s": {"bf16": 362.05, "fp16": 362.05, "tf32": 183.0, "fp32": 91.6},
+    "l40": {"bf16": 181.0, "fp16": 181.0, "tf32": 90.5, "fp32": 90.5},
+    "l4": {"bf16": 121.0, "fp16": 121.0, "tf32": 60.0, "fp32": 30.3},
+    "rtx-6000-ada": {"bf16": 364.2, "fp16": 364.2, "tf32": 182.1, "fp32": 91.1},
+    "rtx-4090": {"bf16": 165.2, "fp16": 165.2, "tf32": 82.6, "fp32": 82.6},
+    # Ampere: A100 datasheet (SXM and PCIe have the same rates; A800 is an export A100); A10, A30
+    # and A40 datasheets (AWS's A10G has no NVIDIA datasheet: the A10 figures, as Lightning uses);
+    # GA102 whitepaper for the RTX cards (GeForce: half-rate FP32 accumulation)
+    "a100": {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5},
+    "a10": {"bf16": 125.0, "fp16": 125.0, "tf32": 62.5, "fp32": 31.2},
+    "a30": {"bf16": 165.0, "fp16": 165.0, "tf32": 82.0, "fp32": 10.3},
+    "a40": {"bf16": 149.7, "fp16": 149.7, "tf32": 74.8, "fp32": 37.4},
+    "rtx-a6000": {"bf16": 154.8, "fp16": 154.8, "tf32": 77.4, "fp32": 38.7},
+    "rtx-3090": {"bf16": 71.0, "fp16": 71.0, "tf32": 35.6, "fp32": 35.6},
+    # Volta / Turing: no bf16 and no tf32 tensor cores
+    "v100-sxm": {"bf16": None, "fp16": 125.0, "tf32": None, "fp32": 15.7},
+    "v100-pcie": {"bf16": None, "fp16": 112.0, "tf32": None, "fp32": 14.0},
+    "t4": {"bf16": None, "fp16": 65.0, "tf32": None, "fp32": 8.1},
+    # AMD (ROCm reports through torch.cuda): MI300X datasheet, dense matrix rates
+    "mi300x": {"bf16": 1307.4, "fp16": 1307.4, "tf32": 653.7, "fp32": 163.4},
+}
+
+# (pattern on the lower-cased device name, table key); the first match wins, so the more specific
+# names come first ("h100 ... nvl" before "h100", "a100" can never match the "a10" rule)
+_NAME_PATTERNS: list[tuple[str, str]] = [
+    (r"\bb200\b", "b200"),
+    (r"\bgh200\b", "h100-sxm"),
+    (r"\bh200\b.*\bnvl\b", "h200-nvl"),
+    (r"\bh200\b", "h200"),
+    (r"\bh[18]00\b.*\bnvl\b", "h100-nvl"),
+    (r"\bh[18]00\b.*\bpcie\b", "h100-pcie"),
+    (r"\bh[18]00\b", "h100-sxm"),  # 'NVIDIA H100 80GB HBM3' is the SXM part
+    (r"\bl40s\b", "l40s"),
+    (r"\bl40\b", "l40"),
+    (r"\bl4\b", "l4"),
+    (r"\brtx 6000 ada\b", "rtx-6000-ada"),
+    (r"\brtx 4090\b", "rtx-4090"),
+    (r"\ba[18]00\b", "a100"),
+    (r"\ba30\b", "a30"),
+    (r"\ba40\b", "a40"),
+    (r"\ba10g?\b", "a10"),
+    (r"\brtx a6000\b", "rtx-a6000"),
+    (r"\brtx 3090\b", "rtx-3090"),
+    (r"\bv100\b.*\bpcie\b", "v100-pcie"),
+    (r"\bv100\b", "v100-sxm"),
+    (r"\bt4\b", "t4"),
+    (r"\bmi300x\b", "mi300x"),
+]
+
+# The CPU probe multiplies (M x K) @ (K x N) with M = K = N = 512: the order of the projections of
+# the nano-small presets (d_model 64-256, d_ff up to 768) over a few hundred tokens per batch, and
+# small enough that bf16 (emulated on CPUs without AVX512-BF16, ~1 GFLOP/s) stays under a second.
+PROBE_SHAPE = (512, 512, 512)
+PROBE_SECONDS = 0.25  # timed budget per dtype, after one warm-up matmul
+PROBE_MIN_REPS = 3
+
+
+class Peak(NamedTuple):
+    """A device's peak: FLOP/s per device (None when unknown) and where the number came from."""
+
+    flops_per_s: float | None
+    source: str  # override | table:<name> | cpu-probe:<file> | unknown
+
+
+def lookup_gpu(device_name: str) -> str | None:
+    """Table key of a CUDA device name (``'NVIDIA A100-SXM4-80GB'`` -> ``'a100'``), None if unknown."""
+    name = device_name.lower().replace("_", " ")
+    for pattern, key in _NAME_PATTERNS:
+        if re.search(pattern, name):
+            return key
+    return None
+
+
+def matmul_dtype(precision: str) -> str:
+    """The dtype matmuls run in under a Lightning ``precision`` string: bf16 | fp16 | tf32 | fp32 | fp64.
+
+    fp32 becomes tf32 when PyTorch allows TF32 matmuls (``torch.set_float32_matmul_precision``
+    other than ``"highest"``), as the tensor cores then run them.
+    """
+    p = str(precision)
+    if p.startswith("bf16"):
+        return "bf16"
+    if p.startswith("16"):
+        return "fp16"
+    if p.startswith("64"):
+        return "fp64"
+    return "tf32" if torch.get_float32_matmul_precision() != "highest" else "fp32"
+
+
+def gpu_peak(device_name: str, dtype: str) -> Peak:
+    """Peak of a CUDA device from :data:`GPU_PEAKS`; ``unknown`` for an unlisted device or dtype."""
+    key = lookup_gpu(device_name)
+    if key is None:
+        return Peak(None, "unknown")
+    row = GPU_PEAKS[key]
+    tflops = row.get(dtype)
+    if tflops is None and dtype == "tf32":  # no TF32 tensor cores: fp32 matmuls run on CUDA cores
+        tflops = row.get("fp32")
+    return Peak(tflops * TFLOPS, f"table:{key}") if tflops else Peak(None, "unknown")
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown-cpu"
+
+
+def probe_cache_file(cache_dir: str | os.PathLike) -> Path:
+    """``{cache_dir}/hardware/<hostname>-<cpu model hash>.json``."""
+    digest = hashlib.sha1(cpu_model().encode()).hexdigest()[:10]
+    host = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname()) or "host"
+    return Path(cache_dir) / "hardware" / f"{host}-{digest}.json"
+
+
+_TORCH_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def measure_matmul_flops(dtype: str, shape: tuple[int, int, int] = PROBE_SHAPE, seconds: float = PROBE_SECONDS,
+                         min_reps: int = PROBE_MIN_REPS) -> float:
+    """Best FLOP/s of single CPU matmuls of ``shape`` (M, K, N) in ``dtype`` over ``seconds``."""
+    M, K, N = shape
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(M, K, generator=gen).to(_TORCH_DTYPES[dtype])
+    b = torch.randn(K, N, generator=gen).to(_TORCH_DTYPES[dtype])
+    torch.mm(a, b)  # warm-up: thread pool start, packing buffers
+    best, reps, start = float("inf"), 0, time.perf_counter()
+    while reps < min_reps or time.perf_counter() - start < seconds:
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t0)
+        reps += 1
+    return 2.0 * M * K * N / best
+
+
+def cpu_probe(dtype: str, cache_dir: str | os.PathLike | None) -> Peak:
+    """Measured CPU peak for ``dtype`` at the current thread count, cached per machine.
+
+    The cache holds one entry per ``<dtype>@<threads>threads``, so changing ``torch.set_num_threads``
+    or the precision probes again once. Without a ``cache_dir`` the probe runs and is not stored.
+    """
+    if dtype not in _TORCH_DTYPES:
+        return Peak(None, "unknown")
+    dtype = "fp32" if dtype == "tf32" else dtype  # CPUs have no TF32
+    entry = f"{dtype}@{torch.get_num_threads()}threads"
+    path = probe_cache_file(cache_dir) if cache_dir is not None else None
+    cached: dict = {}
+    if path is not None and path.is_file():
+        try:
+            cached = json.loads(path.read_text())
+        except (OSError, ValueError):
+            cached = {}  # a corrupt cache is re-measured, never trusted
+        hit = cached.get("probes", {}).get(entry)
+        if hit and hit.get("shape") == list(PROBE_SHAPE):
+            return Peak(float(hit["flops_per_s"]), f"cpu-probe:{path}")
+    flops = measure_matmul_flops(dtype)
+    if path is None:
+        return Peak(flops, "cpu-probe:uncached")
+    cached.setdefault("cpu_model", cpu_model())
+    cached.setdefault("hostname", socket.gethostname())
+    cached.setdefault("probes", {})[entry] = {
+        "flops_per_s": flops, "shape": list(PROBE_SHAPE), "torch": torch.__version__,
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # concurrent jobs: write aside, then rename atomically
+    tmp.write_text(json.dumps(cached, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+    return Peak(flops, f"cpu-probe:{path}")
+
+
+def peak_flops(device: torch.device | str, precision: str = "32-true", *, override_tflops: float | None = None,
+               cache_dir: str | os.PathLike | None = None, device_name: str | None = None) -> Peak:
+    """Peak FLOP/s per device for MFU and its source (see the module docstring).
+
+    Args:
+        device: the training device (``trainer.strategy.root_device``).
+        precision: Lightning precision string; picks the bf16 / fp16 / tf32 / fp32 column.
+        override_tflops: ``hardware.peak_tflops``; wins over everything when set.
+        cache_dir: where the CPU probe is cached (``paths.cache_dir``).
+        device_name: CUDA device name; default ``torch.cuda.get_device_name(device)``.
+    """
+    if override_tflops is not None:
+        if isinstance(override_tflops, bool) or not isinstance(override_tflops, (int, float)) or override_tflops <= 0:
+            raise ConfigError("hardware.peak_tflops", f"peak_tflops={override_tflops!r} must be a number > 0 "
+                              "(dense TFLOP/s per device), or null to use the table / CPU probe")
+        return Peak(float(override_tflops) * TFLOPS, "override")
+    device = torch.device(device)
+    dtype = matmul_dtype(precision)
+    if device.type == "cuda":
+        name = device_name if device_name is not None else torch.cuda.get_device_name(device)
+        return gpu_peak(name, dtype)
+    if device.type == "cpu":
+        return cpu_probe(dtype, cache_dir)
+    return Peak(None, "unknown")

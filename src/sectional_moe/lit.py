@@ -1,0 +1,124 @@
+"""The LightningModule: next-token loss, router aux losses, optimiser and evaluation glue.
+
+The model itself (:mod:`sectional_moe.models`) knows nothing of Lightning. This module adds the
+loss, the AdamW + schedule, and exact perplexity: ``exp(sum of token NLL / number of tokens)``
+over the whole evaluation set (summed across ranks), never a mean of per-batch perplexities.
+Hyper-parameters are saved as plain dicts so checkpoints load with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torchmetrics import SumMetric
+
+from sectional_moe.models import build_model
+from sectional_moe.optim import build_optimizer, lr_multiplier
+from sectional_moe.spec import ModelSpec
+
+
+class LMModule(pl.LightningModule):
+    """Trains a :class:`~sectional_moe.models.LanguageModel` of any family.
+
+    Args:
+        spec: ``ModelSpec.to_dict()`` of the model.
+        optim: optimiser and schedule settings (``lr``, ``betas``, ``eps``, ``weight_decay``,
+            ``fused``, ``schedule``, ``warmup_steps``, ``min_lr_ratio``, ``decay_frac``).
+        max_steps: length of the schedule in optimiser steps.
+        compile: wrap the model in ``torch.compile`` (in place, state-dict keys unchanged).
+    """
+
+    def __init__(self, spec: dict[str, Any], optim: dict[str, Any], max_steps: int, compile: bool = False):
+        super().__init__()
+        self.save_hyperparameters()
+        self.spec = ModelSpec.from_dict(spec)
+        self.model = build_model(self.spec)
+        if compile:
+            self.model.compile()
+        self.lb_coef, self.z_coef = self.spec.lb_loss_coef, self.spec.z_loss_coef
+        for stage in ("val", "test"):
+            setattr(self, f"{stage}_nll", SumMetric())
+            setattr(self, f"{stage}_tokens", SumMetric())
+        self.latest_aux: list[dict[str, torch.Tensor]] = []  # read by the expert-load callback
+
+    def forward(self, ids: torch.Tensor):
+        return self.model(ids)
+
+    def _nll(self, batch: torch.Tensor, reduction: str = "mean") -> tuple[torch.Tensor, list[dict]]:
+        """batch (B, T+1) token ids -> next-token NLL of positions 1..T, per-block aux."""
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        logits, aux = self.model(inputs)
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction=reduction)
+        return nll, aux
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        loss, aux = self._nll(batch)
+        total = loss
+        routed = [a for a in aux if "lb_loss" in a]
+        if routed:
+            lb = torch.stack([a["lb_loss"] for a in routed]).mean()
+            z = torch.stack([a["z_loss"] for a in routed]).mean()
+            total = total + self.lb_coef * lb + self.z_coef * z
+            self.log("moe/lb_loss", lb.detach())  # unscaled: 1.0 means perfectly balanced
+            self.log("moe/z_loss", z.detach())
+        drops = [a["drop_frac"] for a in aux if "drop_frac" in a]
+        if drops:
+            self.log("moe/drop_frac", torch.stack(drops).mean())
+        self.latest_aux = [{k: v for k, v in a.items() if k == "counts"} for a in aux]
+        self.log("train/loss", loss.detach(), prog_bar=True)
+        return total
+
+    def _eval_step(self, batch: torch.Tensor, stage: str) -> None:
+        nll, _ = self._nll(batch, reduction="sum")
+        getattr(self, f"{stage}_nll").update(nll.detach())
+        getattr(self, f"{stage}_tokens").update(torch.tensor(float(batch[:, 1:].numel()), device=nll.device))
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        nll, tokens = getattr(self, f"{stage}_nll"), getattr(self, f"{stage}_tokens")
+        mean_nll = nll.compute() / tokens.compute().clamp_min(1.0)
+        nll.reset()
+        tokens.reset()
+        self.log(f"{stage}/loss", mean_nll, sync_dist=False)
+        self.log(f"{stage}/ppl", torch.exp(mean_nll), prog_bar=stage == "val", sync_dist=False)
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def test_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def configure_optimizers(self):
+        o = self.hparams.optim
+        optimizer = build_optimizer(self.model, o, self.device.type)
+        max_steps = int(self.hparams.max_steps)
+
+        def multiplier(step: int) -> float:
+            return lr_multiplier(
+                step,
+                schedule=o["schedule"],
+                warmup_steps=int(o["warmup_steps"]),
+                max_steps=max_steps,
+                min_lr_ratio=float(o["min_lr_ratio"]),
+                decay_frac=float(o.get("decay_frac", 0.2)),
+            )
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def perplexity(mean_nll: float) -> float:
+    """exp of the mean token NLL (nats), inf if it overflows."""
+    try:
+        return math.exp(mean_nll)
+    except OverflowError:
+        return float("inf")

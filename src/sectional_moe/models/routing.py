@@ -1,0 +1,139 @@
+"""Routers, router losses and the vectorised expert FFN shared by the token-MoE and sectional families.
+
+Shape legend (torchtitan style): N routed items (tokens, or token slices in the sectional family),
+E experts, K experts per item, d item width, F expert hidden width.
+
+Routers are small pure functions returning tensors; nothing is kept in globals. Router logits and
+softmax always run in fp32 (bf16 logits flip near-tied experts). Losses are returned unscaled; the
+LightningModule multiplies them by their coefficients.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sectional_moe.models.blocks import swiglu
+
+
+def route_topk(logits_NE: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Softmax (fp32) over E experts, keep the top k, renormalise the kept weights to sum to 1.
+
+    Returns (weights_NK fp32, expert_ids_NK int64, probs_NE fp32).
+    """
+    probs_NE = torch.softmax(logits_NE.float(), dim=-1)
+    top_NK, ids_NK = probs_NE.topk(k, dim=-1)
+    weights_NK = top_NK / top_NK.sum(dim=-1, keepdim=True)
+    return weights_NK, ids_NK, probs_NE
+
+
+def expert_counts(ids_NK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Number of (item, slot) assignments per expert, shape (E,), fp32, static-shaped (no bincount)."""
+    flat = ids_NK.reshape(-1)
+    return torch.zeros(num_experts, device=flat.device, dtype=torch.float32).scatter_add_(
+        0, flat, torch.ones_like(flat, dtype=torch.float32)
+    )
+
+
+def load_balance_loss(*, probs_NE: torch.Tensor, counts_E: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Switch-style balance loss ``E * sum_e f_e * P_e``, normalised so perfect balance gives 1.0.
+
+    f_e is the fraction of the N*K assignments that went to expert e (no gradient), P_e the mean
+    router probability of e (carries the gradient). Uniform routing: f_e = P_e = 1/E -> 1.0.
+    """
+    num_experts = probs_NE.shape[-1]
+    n_assign = probs_NE.shape[0] * top_k
+    f_E = counts_E.detach() / n_assign
+    P_E = probs_NE.mean(dim=0)
+    return num_experts * torch.dot(f_E, P_E)
+
+
+def router_z_loss(logits_NE: torch.Tensor) -> torch.Tensor:
+    """Mean squared log-partition of the router logits (ST-MoE); keeps logits small."""
+    return torch.logsumexp(logits_NE.float(), dim=-1).pow(2).mean()
+
+
+def hash_table(*, rows: int, cols: int, num_experts: int, seed: int) -> torch.Tensor:
+    """A fixed random (rows, cols) table of expert ids drawn from a dedicated generator.
+
+    The global RNG is never touched, so the table is identical in every process and on every
+    device for the same seed, and it is saved with the model as a buffer.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    return torch.randint(num_experts, (rows, cols), generator=gen, dtype=torch.int64)
+
+
+class ExpertFFN(nn.Module):
+    """E SwiGLU experts with stacked weights: w13 (E, d, 2F), w2 (E, F, d).
+
+    Two vectorised paths, no Python loop over experts:
+      * ``forward_dedicated``: item group e always goes to expert e (one batched GEMM per projection);
+      * ``forward_routed``: items routed to K experts each, dispatched by sort + gather + grouped GEMM
+        (dropless; an optional capacity zeroes the contribution of over-capacity assignments).
+    """
+
+    def __init__(self, num_experts: int, dim: int, hidden: int):
+        super().__init__()
+        self.num_experts, self.dim, self.hidden = num_experts, dim, hidden
+        self.w13 = nn.Parameter(torch.empty(num_experts, dim, 2 * hidden))
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        nn.init.normal_(self.w13, std=0.02)
+        nn.init.normal_(self.w2, std=0.02)
+
+    def forward_dedicated(self, x_END: torch.Tensor) -> torch.Tensor:
+        """x (E, N, d) -> (E, N, d); slice e of every item through expert e."""
+        gate, up = torch.bmm(x_END, self.w13).chunk(2, dim=-1)  # (E, N, F) each
+        return torch.bmm(swiglu(gate, up), self.w2)
+
+    def forward_routed(
+        self,
+        x_Nd: torch.Tensor,
+        ids_NK: torch.Tensor,
+        weights_NK: torch.Tensor,
+        counts_E: torch.Tensor,
+        capacity_factor: float | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weighted sum over each item's K experts. Returns (y (N, d), dropped fraction (scalar))."""
+        N, K = ids_NK.shape
+        flat_ids = ids_NK.reshape(-1)  # (N*K,)
+        order = flat_ids.argsort(stable=True)  # assignments grouped by expert
+        item_of = order // K  # source item of each sorted assignment
+        ends_E = counts_E.cumsum(0)
+        offs = ends_E.to(torch.int32)
+        x_sorted = x_Nd[item_of]  # (N*K, d)
+        gate, up = _grouped_mm(x_sorted, self.w13, offs).chunk(2, dim=-1)
+        y_sorted = _grouped_mm(swiglu(gate, up), self.w2, offs)  # (N*K, d)
+        w_sorted = weights_NK.reshape(-1)[order].to(y_sorted.dtype)
+        dropped = torch.zeros((), device=x_Nd.device)
+        if capacity_factor is not None:
+            capacity = math.ceil(capacity_factor * N * K / self.num_experts)
+            sorted_ids = flat_ids[order]
+            start_E = ends_E - counts_E
+            rank = torch.arange(N * K, device=x_Nd.device) - start_E[sorted_ids].long()
+            keep = rank < capacity
+            w_sorted = w_sorted * keep.to(w_sorted.dtype)
+            dropped = 1.0 - keep.float().mean()
+        y_sorted = y_sorted * w_sorted.unsqueeze(-1)
+        y = torch.zeros_like(x_Nd).index_add_(0, item_of, y_sorted.to(x_Nd.dtype))
+        return y, dropped.detach()
+
+
+def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """Grouped GEMM rows x[offs[e-1]:offs[e]] @ w[e]; under autocast both sides share one dtype."""
+    if x.dtype != w.dtype:
+        w = w.to(x.dtype)
+    return F.grouped_mm(x, w, offs=offs)
+
+
+def load_stats(counts_E: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Balance statistics of one layer's expert counts (detached): max/mean, CV, dead experts."""
+    c = counts_E.detach().float()
+    mean = c.mean().clamp_min(1e-9)
+    return {
+        "max_over_mean": c.max() / mean,
+        "cv": c.std(unbiased=False) / mean,
+        "dead": (c == 0).sum().float(),
+    }

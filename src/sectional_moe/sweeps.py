@@ -1,0 +1,106 @@
+"""Sweep bookkeeping: per-job status files and the end-of-multirun summary.
+
+Every job writes ``<run dir>/status.json`` (``running`` -> ``done`` | ``failed`` with the error).
+In a multirun a failing job records its error and returns instead of raising, so the other jobs
+still run; :class:`SweepSummary` (a Hydra callback, see ``conf/hydra/default.yaml``) then lists
+every job of the sweep with its state and error, and exits non-zero if any job did not finish.
+Finished jobs leave a ``DONE`` marker, so launching the same multirun again only runs what did
+not finish.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from sectional_moe import runs
+
+STATUS_FILE = "status.json"
+
+
+def write_status(run_dir: Path, state: str, error: str | None = None, **extra: Any) -> None:
+    """Atomically record a job's state (temp file + rename, so a reader never sees half a file)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / STATUS_FILE
+    previous = read_status(run_dir) or {}
+    status = {
+        "state": state,
+        "error": error,
+        "updated": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "started": previous.get("started") if state != "running" else time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "attempt": previous.get("attempt", 0) + (1 if state == "running" else 0),
+        "host": socket.gethostname(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        **extra,
+    }
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(status, indent=1))
+    os.replace(tmp, path)
+
+
+def read_status(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((run_dir / STATUS_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def expand_sweep(task_overrides: list[str]) -> list[list[str]]:
+    """The job override lists Hydra's basic sweeper makes of ``experts=4,8 routing=topk,hash``."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(task_overrides)
+    return [list(job) for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def job_dirname(overrides: list[str], exclude_keys: list[str], seed: Any) -> str:
+    """Same rule as Hydra's ``override_dirname`` (sorted ``k=v`` joined by commas) + the seed."""
+    kept = sorted(o for o in overrides if runs.override_key(o) not in set(exclude_keys))
+    seed_value = next((o.split("=", 1)[1] for o in overrides if runs.override_key(o) == "seed"), seed)
+    return runs.run_key(",".join(kept), seed_value)
+
+
+def sweep_table(sweep_dir: Path, jobs: list[list[str]], exclude_keys: list[str], seed: Any) -> list[dict[str, Any]]:
+    rows = []
+    for overrides in jobs:
+        run_dir = sweep_dir / job_dirname(overrides, exclude_keys, seed)
+        status = read_status(run_dir) or {}
+        state = status.get("state", "not started")
+        if state == "running":
+            state = "unfinished"  # killed (OOM, time limit) before it could record an outcome
+        rows.append({"job": " ".join(overrides) or "(no overrides)", "dir": str(run_dir), "state": state, "error": status.get("error")})
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    width = max([len(r["job"]) for r in rows] + [3])
+    lines = [f"{'job':<{width}}  state       error"]
+    for r in rows:
+        lines.append(f"{r['job']:<{width}}  {r['state']:<10}  {(r['error'] or '').splitlines()[0] if r['error'] else ''}")
+    return "\n".join(lines)
+
+
+class SweepSummary(Callback):
+    """At the end of a multirun: print each job's state and error; exit 1 if any did not finish."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        hydra_cfg = config.hydra
+        sweep_dir = Path(str(hydra_cfg.sweep.dir))
+        exclude = list(OmegaConf.select(hydra_cfg, "job.config.override_dirname.exclude_keys") or [])
+        jobs = expand_sweep(list(hydra_cfg.overrides.task))
+        rows = sweep_table(sweep_dir, jobs, exclude, config.get("seed"))
+        (sweep_dir / "summary.json").write_text(json.dumps(rows, indent=1))
+        print(f"\nsweep summary ({sweep_dir}):\n{format_table(rows)}", flush=True)
+        bad = [r for r in rows if r["state"] != "done"]
+        if bad:
+            print(f"{len(bad)} of {len(rows)} jobs did not finish; launch the same command again to run only those.", file=sys.stderr, flush=True)
+            sys.exit(1)
