@@ -27,6 +27,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["WANDB_SILENT"] = "true"
 os.environ.pop("WANDB_API_KEY", None)  # a developer's key must never make a test go online
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tests use tiny tensors: one intra-op thread is as fast as two there, makes float reductions
+# reproducible, and avoids OpenMP spin-waits collapsing throughput when processes share the cores
+# (subprocesses inherit it). SMOE_TEST_THREADS=2 to override.
+os.environ["OMP_NUM_THREADS"] = os.environ.get("SMOE_TEST_THREADS", "1")
 
 # the fastest run that still exercises everything: nano model, 512-token vocabulary, few steps
 TINY = [

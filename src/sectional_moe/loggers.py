@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -33,8 +34,8 @@ class _AppendingWriter(ExperimentWriter):
         with path.open(newline="") as f:
             reader = csv.DictReader(f)
             keys, rows = list(reader.fieldnames or []), list(reader)
-        if self.resume_step is not None:
-            rows = [r for r in rows if not r.get("step") or int(float(r["step"])) < self.resume_step]
+        # a row cut short by a kill -9 has no parsable step: drop it, like every row the resumed run re-logs
+        rows = [r for r in rows if _step_of(r) is not None and (self.resume_step is None or _step_of(r) < self.resume_step)]
         with path.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=keys)
             writer.writeheader()
@@ -45,8 +46,10 @@ class _AppendingWriter(ExperimentWriter):
 class AppendingCSVLogger(CSVLogger):
     """``CSVLogger`` writing ``<save_dir>/<name>/metrics.csv`` and continuing it after a restart."""
 
-    def __init__(self, save_dir: str, name: str = "csv", resume_step: int | None = None):
-        super().__init__(save_dir=save_dir, name=name, version="")
+    def __init__(self, save_dir: str, name: str = "csv", resume_step: int | None = None, flush_logs_every_n_steps: int = 1):
+        # flushed at every logged step (an append of a few rows): a killed run keeps its curve up to
+        # its last checkpoint, which the resumed run then continues without a gap
+        super().__init__(save_dir=save_dir, name=name, version="", flush_logs_every_n_steps=flush_logs_every_n_steps)
         self._resume_step = resume_step
 
     @property
@@ -96,3 +99,62 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
+
+
+def _step_of(row: Mapping[str, Any]) -> int | None:
+    try:
+        return int(float(row.get("step") or ""))
+    except (TypeError, ValueError):
+        return None
+
+
+# --------------------------------------------------------------------------------- secrets
+SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)  # environment variable names
+# config key names: whole words only, so data.tokenizer_path or max_expert_keys are not "secret"
+SECRET_KEY_NAME = re.compile(r"(?:^|[_\-])(?:api_?key|key|token|secret|password|passwd|credentials?)$", re.IGNORECASE)
+REDACTED = "***REDACTED***"
+_MIN_SECRET_LEN = 8  # shorter values ("1", "true") are not secrets and would redact everything
+
+
+def secret_values(environ: Mapping[str, str] | None = None) -> list[str]:
+    """Values of environment variables whose name looks secret (``*KEY*``, ``*TOKEN*``, ``*SECRET*``,
+    ``*PASSWORD*``...), longest first so that a secret containing another is redacted whole."""
+    env = os.environ if environ is None else environ
+    values = {v for k, v in env.items() if SECRET_NAME.search(k) and len(v) >= _MIN_SECRET_LEN}
+    return sorted(values, key=len, reverse=True)
+
+
+def redact_text(text: str, secrets: list[str] | None = None) -> str:
+    for value in secret_values() if secrets is None else secrets:
+        text = text.replace(value, REDACTED)
+    return text
+
+
+def redact_secrets(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a flat logged config without secrets: values of secret-named keys and any value
+    containing a secret environment variable's value (e.g. resolved from ``${oc.env:...}``)."""
+    secrets = secret_values()
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        if SECRET_KEY_NAME.search(key.rsplit(".", 1)[-1]) and value not in (None, "") and not isinstance(value, (bool, int, float)):
+            out[key] = REDACTED
+        elif isinstance(value, str):
+            out[key] = redact_text(value, secrets)
+        else:
+            out[key] = value
+    return out
+
+
+def scrub_secrets_in_files(directory: Path) -> None:
+    """Replace secret environment values in the small text files of ``directory`` (Hydra's
+    ``.hydra/*.yaml``, which hold the command-line overrides verbatim)."""
+    secrets = secret_values()
+    if not secrets or not directory.is_dir():
+        return
+    for path in directory.glob("*.yaml"):
+        text = path.read_text()
+        clean = redact_text(text, secrets)
+        if clean != text:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(clean)
+            os.replace(tmp, path)

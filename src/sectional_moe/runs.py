@@ -87,8 +87,17 @@ def resolve_wandb_mode(mode: str) -> str:
     return mode
 
 
+def int_div(a: int, b: int) -> int:
+    """``${smoe.div:${size.d_ff},${experts}}``: exact integer division for configs (errors if inexact)."""
+    a, b = int(a), int(b)
+    if b <= 0 or a % b:
+        raise ValueError(f"smoe.div: {a} is not divisible by {b}")
+    return a // b
+
+
 def register_resolvers() -> None:
-    for name, fn in (("smoe.run_key", run_key), ("smoe.run_name", run_name), ("smoe.group", sweep_group)):
+    for name, fn in (("smoe.run_key", run_key), ("smoe.run_name", run_name), ("smoe.group", sweep_group),
+                     ("smoe.div", int_div)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 

@@ -1,0 +1,233 @@
+"""Road-map studies: each ``experiments/<name>.yaml`` is one question, runnable as one command.
+
+    python -m sectional_moe.studies list
+    python -m sectional_moe.studies dry-run e_sweep --scale gpu     # jobs, FLOPs, predicted cost
+    python -m sectional_moe.studies run e_sweep                     # cpu scale, then the report
+
+A study file holds the question, the hypothesis, the metric and how to read it, a list of
+``sweeps`` (each one ``python train.py -m ...`` multirun, because Hydra's basic sweeper only
+makes cartesian products and a dense baseline must not be repeated for every E) and ``scales``
+(the overrides of each scale, normally ``experiment=study_cpu`` or ``experiment=study_gpu``).
+All sweeps of a study share one W&B group and one sweep directory,
+``outputs/studies/multirun/study-<name>-<scale>/``, so the report and W&B compare them side by side.
+Re-running a study runs only the jobs that did not finish (the DONE markers of train.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from sectional_moe.errors import ConfigError
+from sectional_moe.sweeps import expand_sweep
+
+REPO = Path(__file__).resolve().parents[2]
+STUDIES_DIR = REPO / "experiments"
+TASK_NAME = "studies"
+# what a GPU job is assumed to sustain when predicting its cost (dense bf16 peak x MFU)
+GPU_PEAK_TFLOPS = {"h100": 989.4, "a100": 312.0}
+ASSUMED_MFU = {"gpu": 0.35, "cpu": 0.25}
+
+
+@dataclasses.dataclass
+class Study:
+    """One road-map study as written in ``experiments/<name>.yaml``."""
+
+    name: str
+    question: str
+    hypothesis: str
+    metric: str
+    read: str
+    sweeps: dict[str, list[str]]  # scale -> sweep lines ("*" for every scale)
+    scales: dict[str, list[str]]
+    report: dict[str, Any]
+
+    def group(self, scale: str) -> str:
+        return f"study-{self.name}-{scale}"
+
+    def scale_overrides(self, scale: str) -> list[str]:
+        if scale not in self.scales:
+            raise ConfigError("scale", f"study {self.name!r} has no scale {scale!r}; use one of {sorted(self.scales)}")
+        return list(self.scales[scale])
+
+    def sweep_lines(self, scale: str) -> list[str]:
+        """The sweeps run at ``scale``: its own list if the study has one, else the shared one."""
+        return list(self.sweeps.get(scale, self.sweeps.get("*", [])))
+
+    def jobs(self, scale: str) -> list[list[str]]:
+        """Every job's overrides (scale first, then the sweep's), in launch order."""
+        base = self.scale_overrides(scale)
+        out: list[list[str]] = []
+        for sweep in self.sweep_lines(scale):
+            out += [base + job for job in expand_sweep(shlex.split(sweep))]
+        return out
+
+
+def study_names() -> list[str]:
+    return sorted(p.stem for p in STUDIES_DIR.glob("*.yaml"))
+
+
+def load_study(name: str) -> Study:
+    """Read ``experiments/<name>.yaml``; a missing study names the ones that exist."""
+    path = STUDIES_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError("study", f"no study {name!r} in {STUDIES_DIR}; use one of {', '.join(study_names())}")
+    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)  # ${...} belong to the jobs
+    assert isinstance(raw, dict)
+    missing = {"question", "hypothesis", "metric", "read", "sweeps", "scales"} - set(raw)
+    if missing:
+        raise ConfigError("study", f"{path} lacks {sorted(missing)}")
+    return Study(name=name, question=raw["question"].strip(), hypothesis=raw["hypothesis"].strip(),
+                 metric=raw["metric"], read=raw["read"].strip(),
+                 sweeps=raw["sweeps"] if isinstance(raw["sweeps"], dict) else {"*": list(raw["sweeps"])},
+                 scales={k: list(v) for k, v in raw["scales"].items()}, report=dict(raw.get("report") or {}))
+
+
+def compose_job(overrides: list[str]):
+    """The composed train config of one job (no Hydra runtime: for validation and costing)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    import sectional_moe.runs  # noqa: F401  (registers the resolvers the config uses)
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def job_cost(overrides: list[str], scale: str, peak_tflops: float | None) -> dict[str, Any]:
+    """Validated shape and predicted cost of one job: params, FLOPs/token, tokens, total FLOPs and
+    hours at ``ASSUMED_MFU`` of ``peak_tflops`` (an estimate, not a measurement)."""
+    from sectional_moe.config import validate_config
+    from sectional_moe.flops import flops_per_token, param_counts
+
+    cfg = compose_job(overrides)
+    spec = validate_config(cfg, check_device=(scale == "cpu"))
+    t = cfg.trainer
+    devices = int(t.devices) * int(t.num_nodes) if str(t.devices).isdigit() else 1
+    tokens = int(t.max_steps) * int(cfg.data.batch_size) * spec.seq_len * devices * int(t.accumulate_grad_batches)
+    fpt = flops_per_token(spec, training=True)
+    total = fpt * tokens
+    p = param_counts(spec)
+    row = {"family": spec.family, "routing": spec.routing, "experts": spec.experts, "size": spec.size,
+           "params_total": p["total"], "params_active": p["active"], "flops_per_token": fpt,
+           "tokens": tokens, "flops": total, "devices": devices}
+    if peak_tflops:
+        row["hours"] = total / (peak_tflops * 1e12 * ASSUMED_MFU[scale if scale in ASSUMED_MFU else "gpu"] * devices) / 3600
+    return row
+
+
+def dry_run(study: Study, scale: str, peak_tflops: float | None = None) -> list[dict[str, Any]]:
+    """Compose and validate every job of the study at ``scale`` and predict its cost."""
+    if peak_tflops is None:
+        if scale == "cpu":
+            from sectional_moe.hardware import peak_flops
+
+            import os
+
+            cache = os.environ.get("SECTIONAL_MOE_CACHE", str(Path.home() / ".cache" / "sectional_moe"))
+            peak_tflops = (peak_flops("cpu", "32-true", cache_dir=cache).flops_per_s or 0) / 1e12 or None
+        else:
+            peak_tflops = GPU_PEAK_TFLOPS["h100"]
+    rows = []
+    for job in study.jobs(scale):
+        row = job_cost(job, scale, peak_tflops)
+        rows.append({"job": " ".join(job[len(study.scale_overrides(scale)):]) or "(defaults)", **row})
+    return rows
+
+
+def format_dry_run(study: Study, scale: str, rows: list[dict[str, Any]]) -> str:
+    lines = [f"study {study.name} ({scale}): {len(rows)} jobs, group {study.group(scale)}",
+             f"  question: {study.question}", ""]
+    width = max([len(r["job"]) for r in rows] + [3])
+    header = f"{'job':{width}s} {'params':>8s} {'active':>8s} {'MF/tok':>8s} {'tokens':>9s} {'PFLOP':>9s} {'hours':>8s}"
+    lines.append(header)
+    for r in rows:
+        hours = f"{r['hours']:.3f}" if "hours" in r else "-"
+        lines.append(f"{r['job']:{width}s} {r['params_total'] / 1e6:7.2f}M {r['params_active'] / 1e6:7.2f}M "
+                     f"{r['flops_per_token'] / 1e6:8.2f} {r['tokens']:9.2e} {r['flops'] / 1e15:9.4f} {hours:>8s}")
+    total_flops = sum(r["flops"] for r in rows)
+    total_hours = sum(r.get("hours", math.nan) for r in rows)
+    lines.append(f"total: {total_flops / 1e15:.3f} PFLOP, about {total_hours:.1f} device-hours "
+                 f"at {ASSUMED_MFU.get(scale, ASSUMED_MFU['gpu']):.0%} MFU (an estimate, not a measurement)")
+    return "\n".join(lines)
+
+
+def train_commands(study: Study, scale: str, extra: list[str]) -> list[list[str]]:
+    """One ``python train.py -m`` command per sweep of the study, all in the study's group."""
+    base = [sys.executable, str(REPO / "train.py"), "-m", f"task_name={TASK_NAME}", f"group={study.group(scale)}"]
+    return [base + study.scale_overrides(scale) + shlex.split(sweep) + list(extra) for sweep in study.sweep_lines(scale)]
+
+
+def sweep_dir(study: Study, scale: str, log_dir: Path = REPO / "outputs") -> Path:
+    return log_dir / TASK_NAME / "multirun" / study.group(scale)
+
+
+def run(study: Study, scale: str, extra: list[str], report_out: Path | None) -> int:
+    """Run every sweep of the study (each failing job is recorded, the others go on), then write
+    the report; returns the worst exit code."""
+    worst = 0
+    for cmd in train_commands(study, scale, extra):
+        print("$", " ".join(shlex.quote(c) for c in cmd[1:]), flush=True)
+        worst = max(worst, subprocess.run(cmd, cwd=REPO).returncode)
+    if report_out is not None:
+        cmd = [sys.executable, "-m", "sectional_moe.report", str(sweep_dir(study, scale)), "--out", str(report_out),
+               "--metric", study.metric, *study.report.get("args", [])]
+        print("$", " ".join(shlex.quote(c) for c in cmd[1:]), flush=True)
+        worst = max(worst, subprocess.run(cmd, cwd=REPO).returncode)
+    return worst
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sectional_moe.studies", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="the studies and their questions")
+    for name, help_ in (("dry-run", "compose, validate and cost every job"), ("run", "run the study, then its report"),
+                        ("commands", "print the train.py commands of the study")):
+        p = sub.add_parser(name, help=help_)
+        p.add_argument("study", help=f"one of: {', '.join(study_names())}")
+        p.add_argument("--scale", default="cpu", help="cpu (2 cores, < 30 min) or gpu")
+        if name == "dry-run":
+            p.add_argument("--peak-tflops", type=float, default=None, help="device peak for the cost estimate")
+            p.add_argument("--json", action="store_true")
+        if name == "run":
+            p.add_argument("--report-dir", type=Path, default=None,
+                           help="where the report goes (default docs/results/<study>-<scale>)")
+            p.add_argument("--no-report", action="store_true")
+        if name in ("run", "commands"):
+            p.add_argument("overrides", nargs="*", help="extra overrides for every job, e.g. hydra/launcher=slurm")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "list":
+            for n in study_names():
+                s = load_study(n)
+                print(f"{n:16s} {s.question}  [{len(s.jobs('cpu'))} cpu jobs]")
+            return 0
+        study = load_study(args.study)
+        if args.command == "dry-run":
+            rows = dry_run(study, args.scale, args.peak_tflops)
+            print(json.dumps(rows, indent=1) if args.json else format_dry_run(study, args.scale, rows))
+            return 0
+        if args.command == "commands":
+            for cmd in train_commands(study, args.scale, args.overrides):
+                print(" ".join(shlex.quote(c) for c in ["python", "train.py", *cmd[3:]]))
+            return 0
+        out = None if args.no_report else (args.report_dir or REPO / "docs" / "results" / f"{study.name}-{args.scale}")
+        return run(study, args.scale, args.overrides, out)
+    except ConfigError as err:
+        print(f"Error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
