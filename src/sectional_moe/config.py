@@ -17,6 +17,8 @@ from sectional_moe.errors import ConfigError
 from sectional_moe.optim import SCHEDULES
 from sectional_moe.spec import ModelSpec, spec_from_config
 
+MAX_PEAK_TFLOPS = 100_000  # dense TFLOP/s of one device; anything above is a unit mistake
+NAN_POLICIES = ("stop", "skip")
 PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 
@@ -55,7 +57,22 @@ def resolve_compile(cfg: Mapping[str, Any]) -> bool:
     return bool(value)
 
 
-def validate_config(cfg: Mapping[str, Any]) -> ModelSpec:
+def resolve_auto_schedule(cfg: Mapping[str, Any]) -> None:
+    """Replace ``auto`` in ``optim.warmup_steps`` and ``trainer.val_check_interval`` by numbers
+    derived from ``trainer.max_steps``, in place, so that the logged config holds what ran.
+
+    ``auto`` warmup is min(50, max_steps // 10); ``auto`` validation runs 4 times per run. Both
+    scale with ``max_steps``, so ``trainer.max_steps=20`` alone gives a sensible short run.
+    """
+    optim, trainer = cfg["optim"], cfg["trainer"]
+    max_steps = int(trainer["max_steps"])
+    if optim.get("warmup_steps") == "auto":
+        optim["warmup_steps"] = min(50, max_steps // 10)
+    if trainer.get("val_check_interval") == "auto":
+        trainer["val_check_interval"] = max(1, max_steps // 4)
+
+
+def validate_config(cfg: Mapping[str, Any], *, check_device: bool = True) -> ModelSpec:
     """Check the whole config; return the model spec (with ``data.vocab_size`` as a provisional
     vocabulary, replaced by the tokenizer's real size once data is prepared)."""
     data, optim, trainer = cfg["data"], cfg["optim"], cfg["trainer"]
@@ -68,7 +85,6 @@ def validate_config(cfg: Mapping[str, Any]) -> ModelSpec:
     _positive(data.get("vocab_size"), "data.vocab_size")
     _positive(optim.get("lr"), "optim.lr", float)
     _positive(optim.get("weight_decay"), "optim.weight_decay", float, allow_zero=True)
-    _positive(optim.get("warmup_steps"), "optim.warmup_steps", int, allow_zero=True)
     if optim.get("schedule") not in SCHEDULES:
         raise ConfigError("optim.schedule", f"schedule={optim.get('schedule')!r}; use one of {', '.join(SCHEDULES)}")
     if not 0 <= float(optim.get("min_lr_ratio", 0)) <= 1:
@@ -79,6 +95,8 @@ def validate_config(cfg: Mapping[str, Any]) -> ModelSpec:
 
     max_steps = trainer.get("max_steps")
     _positive(max_steps, "trainer.max_steps")
+    resolve_auto_schedule(cfg)
+    _positive(optim.get("warmup_steps"), "optim.warmup_steps", int, allow_zero=True)
     if optim["warmup_steps"] >= max_steps and not trainer.get("fast_dev_run"):
         raise ConfigError("optim.warmup_steps", f"warmup_steps={optim['warmup_steps']} >= trainer.max_steps={max_steps}; shorten the warmup")
     vci = trainer.get("val_check_interval")
@@ -92,7 +110,7 @@ def validate_config(cfg: Mapping[str, Any]) -> ModelSpec:
     if precision not in PRECISIONS:
         raise ConfigError("trainer.precision", f"precision={precision!r}; use one of {', '.join(PRECISIONS)}")
     device = resolve_device_type(trainer)
-    if device == "cuda" and not torch.cuda.is_available():
+    if check_device and device == "cuda" and not torch.cuda.is_available():  # off when planning GPU jobs on a laptop
         raise ConfigError("trainer.accelerator", f"accelerator={trainer.get('accelerator')} but no CUDA device is visible; use trainer=cpu (or trainer.accelerator=auto)")
     if device == "cpu" and precision.startswith("16"):
         raise ConfigError("trainer.precision", f"precision={precision} (fp16) is not supported on CPU; use 32-true or bf16-mixed")
@@ -100,6 +118,18 @@ def validate_config(cfg: Mapping[str, Any]) -> ModelSpec:
     peak = cfg.get("hardware", {}).get("peak_tflops")
     if peak is not None:
         _positive(peak, "hardware.peak_tflops", float)
+        if peak > MAX_PEAK_TFLOPS:  # the usual slip: FLOP/s given where TFLOP/s is expected
+            hint = f"hardware.peak_tflops={peak / 1e12:g}" if peak >= 1e9 else "e.g. 312 for an A100"
+            raise ConfigError("hardware.peak_tflops", f"peak_tflops={peak:g} is not in TFLOP/s (no device reaches {MAX_PEAK_TFLOPS:,}); "
+                              f"give dense TFLOP/s per device: {hint}")
+
+    guard = (cfg.get("callbacks") or {}).get("nan_guard")
+    if guard is not None:
+        if guard.get("policy", "stop") not in NAN_POLICIES:
+            raise ConfigError("callbacks.nan_guard.policy", f"policy={guard.get('policy')!r}; use stop (end the run) or skip (drop the batch, up to max_skips)")
+        _positive(guard.get("max_skips", 0), "callbacks.nan_guard.max_skips", int, allow_zero=True)
+        if guard.get("sync_every_n_steps") is not None:
+            _positive(guard.get("sync_every_n_steps"), "callbacks.nan_guard.sync_every_n_steps")
 
     wandb_cfg = (cfg.get("logger") or {}).get("wandb")
     if wandb_cfg is not None and wandb_cfg.get("mode", "auto") not in WANDB_MODES:
@@ -109,3 +139,71 @@ def validate_config(cfg: Mapping[str, Any]) -> ModelSpec:
     if resume not in ("auto", "never", None) and not Path(str(resume)).is_file():
         raise ConfigError("resume", f"resume={resume!r} is neither auto/never nor an existing checkpoint file")
     return spec
+
+
+# --------------------------------------------------------------------------------- command line
+# Hydra flags whose next argument is a value, not an override
+_FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-name", "-cn", "--info", "--experimental-rerun"}
+# flags that add config sources we cannot see from conf/: the check then steps aside
+_EXTRA_SEARCH_PATH = {"--config-dir", "-cd", "--config-path", "-cp"}
+
+
+def check_cli_overrides(argv: list[str], conf_dir: str | Path) -> None:
+    """Name an unknown config-group option (``routing=foo``, ``size=huge``) in one line.
+
+    Hydra's own error for these is a multi-line search-path dump. Only groups that are folders of
+    ``conf_dir`` are checked (``hydra/*`` plugins and ``+group`` additions are left to Hydra).
+
+    Raises:
+        ConfigError: ``group: group=option is not an option; use one of ...``.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    conf_dir = Path(conf_dir)
+    args, skip_next = [], False
+    for arg in argv:
+        if skip_next:
+            skip_next = False
+            continue
+        if arg.split("=", 1)[0] in _EXTRA_SEARCH_PATH or arg.startswith("hydra.searchpath"):
+            return
+        if arg.startswith("-"):
+            skip_next = arg in _FLAGS_WITH_VALUE and "=" not in arg
+            continue
+        args.append(arg)
+    parser = OverridesParser.create()
+    for arg in args:
+        try:
+            (override,) = parser.parse_overrides([arg])
+        except Exception:  # noqa: BLE001 - a syntax error is Hydra's to report
+            continue
+        group = override.key_or_group
+        if override.is_delete() or override.is_add() or group.startswith("hydra") or not (conf_dir / group).is_dir():
+            continue
+        if override.is_sweep_override():
+            values: list[Any] = list(override.sweep_string_iterator())
+        else:
+            value = override.value()
+            values = list(value) if isinstance(value, list) else [value]
+        options = sorted(str(p.relative_to(conf_dir / group).with_suffix("")) for p in (conf_dir / group).rglob("*.yaml"))
+        for value in values:
+            if value is None or str(value) == "null":
+                continue
+            if not (conf_dir / group / f"{value}.yaml").is_file():
+                raise ConfigError(group, f"{group}={value} is not an option; use one of {', '.join(options) or '(none: conf/' + group + '/ is empty)'}")
+
+
+def check_launcher(launcher: Mapping[str, Any] | None) -> None:
+    """A SLURM launcher needs ``sbatch``: refuse to start a multirun without it (before any job).
+
+    Raises:
+        ConfigError: ``hydra/launcher: ...`` when the launcher submits to SLURM and ``sbatch`` is
+            not on PATH (not a SLURM login node).
+    """
+    import shutil
+
+    target = str((launcher or {}).get("_target_", ""))
+    if "slurm" in target.lower() and shutil.which("sbatch") is None:
+        raise ConfigError("hydra/launcher", f"{target.rsplit('.', 1)[-1]} submits jobs with sbatch, which is not on PATH (no SLURM here); "
+                          "run on a SLURM login node, start a local cluster (as root: bash slurm/local-cluster.sh start), "
+                          "or drop hydra/launcher=... to run the jobs locally")

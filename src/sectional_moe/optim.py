@@ -48,11 +48,12 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 
 
 def build_optimizer(model: nn.Module, cfg: Mapping[str, Any], device_type: str) -> torch.optim.Optimizer:
-    """AdamW with the fused kernel on CUDA (and wherever torch supports it), foreach otherwise."""
+    """AdamW with the fused kernel on CUDA and CPU (on CPU it is ~5x faster than foreach for a 28M
+    model: the elementwise update was ~8 % of a step), foreach elsewhere."""
     kwargs: dict[str, Any] = dict(lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=cfg["eps"])
     fused = cfg.get("fused", "auto")
     if fused == "auto":
-        fused = device_type == "cuda"
+        fused = device_type in ("cuda", "cpu")
     if fused:
         kwargs["fused"] = True
     else:

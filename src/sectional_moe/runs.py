@@ -35,6 +35,9 @@ def is_identity_override(override: str) -> bool:
 
 
 def _safe(text: str) -> str:
+    from sectional_moe.loggers import redact_text  # at call time: loggers imports this module
+
+    text = redact_text(text)  # an ${oc.env:...} override must not put a secret in a path
     text = re.sub(r"[^A-Za-z0-9=,._+\-\[\]]", "_", text)
     if len(text) > MAX_NAME_LEN:  # keep it readable and unique
         digest = hashlib.sha1(text.encode()).hexdigest()[:8]

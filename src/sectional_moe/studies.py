@@ -16,6 +16,7 @@ Re-running a study runs only the jobs that did not finish (the DONE markers of t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -23,7 +24,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from omegaconf import OmegaConf
 
@@ -63,12 +64,14 @@ class Study:
         """The sweeps run at ``scale``: its own list if the study has one, else the shared one."""
         return list(self.sweeps.get(scale, self.sweeps.get("*", [])))
 
-    def jobs(self, scale: str) -> list[list[str]]:
-        """Every job's overrides (scale first, then the sweep's), in launch order."""
+    def jobs(self, scale: str, ends_only: bool = False) -> list[list[str]]:
+        """Every job's overrides (scale first, then the sweep's), in launch order; with
+        ``ends_only`` just the first and last job of each sweep (a quick structural check)."""
         base = self.scale_overrides(scale)
         out: list[list[str]] = []
         for sweep in self.sweep_lines(scale):
-            out += [base + job for job in expand_sweep(shlex.split(sweep))]
+            jobs = expand_sweep(shlex.split(sweep))
+            out += [base + job for job in (jobs[:1] + jobs[-1:] if ends_only and len(jobs) > 1 else jobs)]
         return out
 
 
@@ -92,8 +95,10 @@ def load_study(name: str) -> Study:
                  scales={k: list(v) for k, v in raw["scales"].items()}, report=dict(raw.get("report") or {}))
 
 
-def compose_job(overrides: list[str]):
-    """The composed train config of one job (no Hydra runtime: for validation and costing)."""
+@contextlib.contextmanager
+def config_composer() -> Iterator[Callable[[list[str]], Any]]:
+    """``with config_composer() as compose: cfg = compose(overrides)``: the composed train config of
+    a job (no Hydra runtime: for validation and costing). One initialisation for many jobs."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
@@ -101,16 +106,16 @@ def compose_job(overrides: list[str]):
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides)
+        yield lambda overrides: compose(config_name="train", overrides=overrides)
+    GlobalHydra.instance().clear()
 
 
-def job_cost(overrides: list[str], scale: str, peak_tflops: float | None) -> dict[str, Any]:
+def job_cost(cfg: Any, scale: str, peak_tflops: float | None) -> dict[str, Any]:
     """Validated shape and predicted cost of one job: params, FLOPs/token, tokens, total FLOPs and
     hours at ``ASSUMED_MFU`` of ``peak_tflops`` (an estimate, not a measurement)."""
     from sectional_moe.config import validate_config
     from sectional_moe.flops import flops_per_token, param_counts
 
-    cfg = compose_job(overrides)
     spec = validate_config(cfg, check_device=(scale == "cpu"))
     t = cfg.trainer
     devices = int(t.devices) * int(t.num_nodes) if str(t.devices).isdigit() else 1
@@ -126,8 +131,9 @@ def job_cost(overrides: list[str], scale: str, peak_tflops: float | None) -> dic
     return row
 
 
-def dry_run(study: Study, scale: str, peak_tflops: float | None = None) -> list[dict[str, Any]]:
-    """Compose and validate every job of the study at ``scale`` and predict its cost."""
+def dry_run(study: Study, scale: str, peak_tflops: float | None = None, ends_only: bool = False) -> list[dict[str, Any]]:
+    """Compose and validate every job of the study at ``scale`` (or the ends of each sweep) and
+    predict its cost."""
     if peak_tflops is None:
         if scale == "cpu":
             from sectional_moe.hardware import peak_flops
@@ -139,9 +145,10 @@ def dry_run(study: Study, scale: str, peak_tflops: float | None = None) -> list[
         else:
             peak_tflops = GPU_PEAK_TFLOPS["h100"]
     rows = []
-    for job in study.jobs(scale):
-        row = job_cost(job, scale, peak_tflops)
-        rows.append({"job": " ".join(job[len(study.scale_overrides(scale)):]) or "(defaults)", **row})
+    with config_composer() as compose:
+        for job in study.jobs(scale, ends_only):
+            row = job_cost(compose(job), scale, peak_tflops)
+            rows.append({"job": " ".join(job[len(study.scale_overrides(scale)):]) or "(defaults)", **row})
     return rows
 
 

@@ -90,7 +90,20 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 class SweepSummary(Callback):
-    """At the end of a multirun: print each job's state and error; exit 1 if any did not finish."""
+    """At the end of a multirun: print each job's state and error; exit 1 if any did not finish.
+
+    At its start: refuse a launcher that cannot work here (SLURM without ``sbatch``), exit 2.
+    """
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from sectional_moe.config import check_launcher
+        from sectional_moe.errors import ConfigError
+
+        try:
+            check_launcher(OmegaConf.select(config, "hydra.launcher"))
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+            sys.exit(2)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         hydra_cfg = config.hydra

@@ -16,6 +16,7 @@ import logging
 import math
 import sys
 import traceback
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,15 +29,20 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from sectional_moe import runs
+from sectional_moe.callbacks.nan_guard import NonFiniteError
+from sectional_moe.checkpointing import AtomicCheckpointIO, check_compatible, select_resume_checkpoint
 from sectional_moe.config import resolve_compile, resolve_precision, validate_config
 from sectional_moe.errors import ConfigError
 from sectional_moe.flops import flops_per_token, param_counts
 from sectional_moe.lit import LMModule
-from sectional_moe.loggers import build_loggers, flatten
+from sectional_moe.loggers import build_loggers, flatten, redact_secrets, redact_text, scrub_secrets_in_files
 from sectional_moe.spec import ModelSpec, spec_from_config
 from sectional_moe.sweeps import write_status
+from sectional_moe import slurm as cluster  # rank awareness, SLURM plugin, preemption checkpoint; registers launcher resolvers
 
 log = logging.getLogger("sectional_moe")
+# Lightning 2.6 calls a torch pytree API that torch 2.13 deprecates; nothing for a user to act on
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 DONE_MARKER = "DONE"
 METRICS_FILE = "metrics.json"
@@ -60,7 +66,8 @@ def run_info(cfg: DictConfig) -> RunInfo:
     override_dirname, multirun, group = "", False, cfg.get("group")
     if HydraConfig.initialized():
         hc = HydraConfig.get()
-        override_dirname = hc.job.override_dirname or ""
+        # Hydra resolves ${oc.env:...} in override values: keep secrets out of names, logs and W&B
+        override_dirname = redact_text(hc.job.override_dirname or "")
         multirun = hc.mode == RunMode.MULTIRUN
         if multirun:
             group = Path(hc.sweep.dir).name
@@ -75,16 +82,6 @@ def run_info(cfg: DictConfig) -> RunInfo:
     )
 
 
-def find_resume_checkpoint(cfg: DictConfig, output_dir: Path) -> str | None:
-    """``resume=auto``: the run directory's last.ckpt if any; a path: that file; ``never``: None."""
-    if cfg.get("resume") in (None, "never"):
-        return None
-    if cfg.resume != "auto":
-        return str(cfg.resume)
-    last = output_dir / "checkpoints" / "last.ckpt"
-    return str(last) if last.is_file() else None
-
-
 def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     kw = OmegaConf.to_container(cfg.trainer, resolve=True)
     assert isinstance(kw, dict)
@@ -95,10 +92,13 @@ def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
 
 
 def build_callbacks(cfg: DictConfig, has_logger: bool = True) -> list[pl.Callback]:
-    """Instantiate the ``callbacks`` group; logger-only callbacks are dropped under ``logger=none``."""
+    """Instantiate the ``callbacks`` group, minus what the run turned off: logger-only callbacks
+    under ``logger=none`` and the progress bar under ``trainer.enable_progress_bar=false``."""
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None and "_target_" in c]
     if not has_logger:
         callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.LearningRateMonitor)]
+    if not cfg.trainer.get("enable_progress_bar", True):
+        callbacks = [c for c in callbacks if not isinstance(c, pl.callbacks.ProgressBar)]
     return callbacks
 
 
@@ -153,7 +153,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if done.is_file() and not cfg.get("force", False):
         log.info("run %s already finished (%s); nothing to do (force=true re-runs it)", run.key, done)
         return json.loads(done.read_text())
-    write_status(out, "running")
+    cluster.quiet_non_zero_ranks()  # every rank runs the app in this run dir; only rank 0 writes train.log
+    if cluster.is_rank_zero():
+        write_status(out, "running")
+        scrub_secrets_in_files(out / ".hydra")  # Hydra saved the config before we ran; no secret stays in it
+
+    # the checkpoint is verified (and a corrupt last.ckpt replaced by the previous one) before any compute
+    ckpt_path, ckpt_state = select_resume_checkpoint(cfg.get("resume", "auto"), out)
+    if ckpt_state is not None:  # model shape now; the vocabulary once the tokenizer is known
+        saved_vocab = (ckpt_state.get("hyper_parameters") or {}).get("spec", {}).get("vocab_size")
+        check_compatible(ckpt_state, {**spec.to_dict(), "vocab_size": saved_vocab}, str(ckpt_path))
 
     pl.seed_everything(cfg.seed, workers=True)
     from sectional_moe.data import LMDataModule  # imported here: keeps `--help` and config errors fast
@@ -164,16 +173,24 @@ def train(cfg: DictConfig) -> dict[str, float]:
     dm.prepare_data()
     spec = spec_from_config(cfg, vocab_size=dm.vocab_size)
 
-    ckpt_path = find_resume_checkpoint(cfg, out)
-    resume_step = _checkpoint_step(ckpt_path)
+    checkpoint_io = AtomicCheckpointIO()
+    resume_step = None
+    if ckpt_state is not None:
+        check_compatible(ckpt_state, spec.to_dict(), str(ckpt_path))
+        resume_step = int(ckpt_state.get("global_step", 0))
+        checkpoint_io.preload(str(ckpt_path), ckpt_state)  # Lightning gets the verified copy, no second read
+        ckpt_state = None
     module = LMModule(spec.to_dict(), OmegaConf.to_container(cfg.optim, resolve=True), int(cfg.trainer.max_steps), resolve_compile(cfg))
     loggers = build_loggers(
         cfg.get("logger") or {}, run_dir=out, name=run.name, group=run.group, wandb_id=run.wandb_id,
         tags=list(cfg.get("tags") or []), resume_step=resume_step,
     )
-    callbacks = build_callbacks(cfg, has_logger=bool(loggers))
+    callbacks = build_callbacks(cfg, has_logger=bool(loggers)) + cluster.cluster_callbacks()
+    tkw = trainer_kwargs(cfg)
+    plugins = tkw.pop("plugins", None) or []
     trainer = pl.Trainer(
-        **trainer_kwargs(cfg),
+        **tkw,
+        plugins=[*(plugins if isinstance(plugins, list) else [plugins]), checkpoint_io, *cluster.cluster_plugins()],
         logger=loggers or False,
         callbacks=callbacks,
         default_root_dir=str(out),
@@ -186,13 +203,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
         derived = derived_quantities(spec, cfg, trainer.world_size)
         derived.update({f"data/{k}": v for k, v in dm.describe().items()})
         for lg in loggers:
-            lg.log_hyperparams(logged_config(cfg, spec, derived))
+            lg.log_hyperparams(redact_secrets(logged_config(cfg, spec, derived)))
     log.info("run %s -> %s (family=%s, %.2fM params, resume from %s)", run.name, out, spec.family,
              param_counts(spec)["total"] / 1e6, ckpt_path or "scratch")
 
     metrics: dict[str, float] = {}
     if cfg.get("train", True):
-        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
         metrics.update(_scalar_metrics(trainer.callback_metrics))
         best = getattr(trainer.checkpoint_callback, "best_model_score", None)
         if best is not None:
@@ -200,7 +217,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
             metrics["val/ppl_best"] = math.exp(float(best))
     if cfg.get("test", True):
         has_best = bool(getattr(trainer.checkpoint_callback, "best_model_path", ""))
-        trainer.test(module, datamodule=dm, ckpt_path="best" if has_best else None, verbose=False)
+        trainer.test(module, datamodule=dm, ckpt_path="best" if has_best else None, verbose=False, weights_only=True)
         metrics.update({k: v for k, v in _scalar_metrics(trainer.callback_metrics).items() if k.startswith("test/")})
     if trainer.is_global_zero:
         out.mkdir(parents=True, exist_ok=True)
@@ -209,13 +226,6 @@ def train(cfg: DictConfig) -> dict[str, float]:
         write_status(out, "done")
         print(_summary_line(run.name, metrics, dm), flush=True)
     return metrics
-
-
-def _checkpoint_step(ckpt_path: str | None) -> int | None:
-    if not ckpt_path:
-        return None
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-    return int(state.get("global_step", 0))
 
 
 def _scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
@@ -243,14 +253,23 @@ def main(cfg: DictConfig) -> float | None:
     """
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     run_dir = Path(cfg.paths.output_dir)
+    failed = True
     try:
         metrics = train(cfg)
+        failed = False
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         write_status(run_dir, "failed", str(err))
         if multirun:
             return None
         sys.exit(2)
+    except NonFiniteError as err:  # one line, no traceback: the message says where and what
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        log.error("%s", err)
+        write_status(run_dir, "failed", str(err), step=err.step, metric=err.metric)
+        if multirun:
+            return None
+        sys.exit(1)
     except Exception as err:  # noqa: BLE001 - isolate sweep jobs; single runs re-raise below
         write_status(run_dir, "failed", f"{type(err).__name__}: {err}", traceback=traceback.format_exc())
         if multirun:
@@ -258,12 +277,29 @@ def main(cfg: DictConfig) -> float | None:
             return None
         raise
     finally:
-        _finish_wandb()
+        _finish_wandb(exit_code=1 if failed else 0)
     return metrics.get("val/loss_best", metrics.get("val/loss"))
 
 
-def _finish_wandb() -> None:
-    """Close the W&B run so the next job of an in-process multirun starts its own (pitfall P2)."""
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+def check_cli_or_exit(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
+    """Before Hydra composes anything: an unknown group option (``routing=foo``) -> one line, exit 2."""
+    from sectional_moe.config import check_cli_overrides
+
+    try:
+        check_cli_overrides(argv, conf_dir)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+
+
+def _finish_wandb(exit_code: int = 0) -> None:
+    """Close the W&B run so the next job of an in-process multirun starts its own (pitfall P2).
+
+    A non-zero ``exit_code`` marks the W&B run *failed* (not *finished*) on the dashboard.
+    """
     wandb = sys.modules.get("wandb")
     if wandb is not None and wandb.run is not None:
-        wandb.finish()
+        wandb.finish(exit_code=exit_code)

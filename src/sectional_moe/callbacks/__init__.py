@@ -9,3 +9,7 @@ from sectional_moe.callbacks.throughput import SpeedMonitor  # noqa: E402
 from sectional_moe.callbacks.wandb_summary import WandbSummary  # noqa: E402
 
 __all__ += ["MemoryMonitor", "SpeedMonitor", "WandbSummary"]
+
+from sectional_moe.callbacks.nan_guard import NanGuard, NonFiniteError  # noqa: E402
+
+__all__ += ["NanGuard", "NonFiniteError"]

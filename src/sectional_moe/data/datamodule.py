@@ -69,7 +69,8 @@ class LMDataModule(pl.LightningDataModule):
         text_field: the text column of a hub dataset.
         batch_size: train blocks per batch per device; eval_batch_size: the same for val/test
             (``None`` = batch_size).
-        num_workers: DataLoader worker processes (0: load in the main process).
+        num_workers: DataLoader worker processes (0: load in the main process); ``auto``: 0 on CPU
+            (in-memory blocks: a worker costs more than it saves), a few per GPU on CUDA.
         pin_memory: ``auto`` (on when CUDA is available), ``True`` or ``False``.
         max_train_tokens, max_eval_tokens: cut each split's token stream (quick runs, tests).
         seq_len: tokens per training sequence (a block holds one more: the last target).
@@ -98,7 +99,7 @@ class LMDataModule(pl.LightningDataModule):
         text_field: str = "text",
         batch_size: int = 32,
         eval_batch_size: int | None = None,
-        num_workers: int = 0,
+        num_workers: int | str = 0,
         pin_memory: bool | str = "auto",
         max_train_tokens: int | None = None,
         max_eval_tokens: int | None = None,
@@ -116,7 +117,8 @@ class LMDataModule(pl.LightningDataModule):
             check_vocab_size(vocab_size)
         _check_int("size.seq_len", seq_len, 1)
         _check_int("data.batch_size", batch_size, 1)
-        _check_int("data.num_workers", num_workers, 0)
+        if num_workers != "auto":
+            _check_int("data.num_workers", num_workers, 0)
         _check_int("data.eval_batch_size", eval_batch_size, 1, optional=True)
         _check_int("data.max_train_tokens", max_train_tokens, 2, optional=True)
         _check_int("data.max_eval_tokens", max_eval_tokens, 2, optional=True)
@@ -135,7 +137,7 @@ class LMDataModule(pl.LightningDataModule):
         self.hub_splits = dict(hub_splits or DEFAULT_HUB_SPLITS)
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
-        self.num_workers = num_workers
+        self.num_workers = auto_num_workers() if num_workers == "auto" else int(num_workers)
         self.pin_memory = torch.cuda.is_available() if pin_memory == "auto" else bool(pin_memory)
         self.max_train_tokens, self.max_eval_tokens = max_train_tokens, max_eval_tokens
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
@@ -289,7 +291,7 @@ class LMDataModule(pl.LightningDataModule):
                             f"batch_size={self.batch_size} per rank; lower data.batch_size or give more train text")
         sampler = ShardedSampler(len(blocks), shuffle=True, seed=self.seed)
         return ResumableDataLoader(loading.BlockDataset(blocks), batch_size=self.batch_size, sampler=sampler, drop_last=True,
-                                   collate_fn=loading.collate_blocks, num_workers=self.num_workers, pin_memory=self.pin_memory)
+                                   collate_fn=loading.collate_blocks, **self._loader_kwargs())
 
     def _eval_loader(self, split: str) -> DataLoader:
         blocks = self._split(split).blocks
@@ -299,7 +301,15 @@ class LMDataModule(pl.LightningDataModule):
         # fixed order; each rank a disjoint equal shard, so NLL and token sums over ranks are exact
         sampler = ShardedSampler(len(blocks), shuffle=False)
         return DataLoader(loading.BlockDataset(blocks), batch_size=self.eval_batch_size, sampler=sampler, drop_last=False,
-                          collate_fn=loading.collate_blocks, num_workers=self.num_workers, pin_memory=self.pin_memory)
+                          collate_fn=loading.collate_blocks, **self._loader_kwargs())
+
+    def _loader_kwargs(self) -> dict[str, Any]:
+        """Worker and pinning knobs shared by every loader. Workers persist across epochs and
+        validations (re-forking them each time stalls the device), and prefetch a few batches each."""
+        kw: dict[str, Any] = {"num_workers": self.num_workers, "pin_memory": self.pin_memory}
+        if self.num_workers > 0:
+            kw.update(persistent_workers=True, prefetch_factor=4)
+        return kw
 
     def val_dataloader(self) -> DataLoader:
         """Validation blocks in order (no shuffle), sharded by rank."""
@@ -343,6 +353,15 @@ class LMDataModule(pl.LightningDataModule):
 # the `data` config keys (seq_len, cache_dir and seed come from elsewhere in the config)
 _KNOWN_KEYS = frozenset(p.name for p in inspect.signature(LMDataModule.__init__).parameters.values()
                         if p.kind is inspect.Parameter.KEYWORD_ONLY) - {"seq_len", "cache_dir", "seed"}
+
+
+def auto_num_workers() -> int:
+    """``num_workers: auto``: 0 without CUDA; with CUDA, up to 4 per visible GPU within the CPU count,
+    so host-side batching and pinning overlap the device's step."""
+    if not torch.cuda.is_available():
+        return 0
+    per_gpu = (os.cpu_count() or 1) // max(1, torch.cuda.device_count())
+    return max(1, min(4, per_gpu - 1))
 
 
 def _check_int(key: str, value: Any, minimum: int, *, optional: bool = False) -> None:

@@ -1,0 +1,212 @@
+"""The bad-input catalogue: each kind of mistake gives ONE line naming the key and the fix, before any
+compute starts, and a non-zero exit.
+
+Most cases run in-process through :func:`sectional_moe.train.main` (what ``python train.py`` calls
+after Hydra composed the config) or :func:`sectional_moe.train.check_cli_or_exit` (what it calls
+before Hydra, for unknown group options). The model class and the Trainer are replaced by tripwires,
+so a case that reached model building would fail. Three cases run the real ``python train.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from sectional_moe import train as train_mod
+from sectional_moe.checkpointing import atomic_save
+from sectional_moe.config import check_launcher, validate_config
+from sectional_moe.errors import ConfigError
+from tests.conftest import run_train_cli
+
+
+@pytest.fixture
+def no_compute(monkeypatch):
+    """Tripwires: building the model or a Trainer means a check came too late."""
+
+    def tripwire(*args, **kwargs):
+        raise AssertionError("compute started before the bad input was reported")
+
+    monkeypatch.setattr(train_mod, "LMModule", tripwire)
+    monkeypatch.setattr(train_mod.pl, "Trainer", tripwire)
+
+
+def expect_one_line(capsys, call, code: int = 2) -> str:
+    """Run ``call``; assert it exits ``code`` with exactly one ``error:`` line and no traceback."""
+    with pytest.raises(SystemExit) as exc:
+        call()
+    assert exc.value.code == code
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+def run_main(cfg) -> None:
+    train_mod.main(cfg)
+    raise AssertionError("main() returned on bad input")
+
+
+# (id, overrides, key named in the line, a fragment of the fix)
+CONFIG_CASES = [
+    ("unknown-family-key", ["model.family=mixture"], "model", "use model=dense, model=moe or model=sectional"),
+    ("routing-invalid-for-family", ["model=moe", "routing=segment_fixed"], "routing", "use routing=topk or routing=hash"),
+    ("experts-zero", ["experts=0"], "experts", "must be a positive integer, e.g. experts=8"),
+    ("experts-not-dividing-d_model", ["experts=3"], "experts", "pick experts dividing d_model"),
+    ("heads-not-dividing-d_model", ["size.n_heads=3"], "size.n_heads", "pick n_heads dividing d_model"),
+    ("kv-heads-not-dividing-heads", ["size.n_kv_heads=3"], "size.n_kv_heads", "pick n_kv_heads dividing n_heads"),
+    ("top_k-above-experts", ["routing=topk", "routing.top_k=5", "experts=4"], "routing.top_k", "use routing.top_k<=4 or more experts"),
+    ("seq_reduction-not-dividing-seq_len", ["model.seq_reduction=3"], "model.seq_reduction", "pick r dividing seq_len"),
+    ("batch-size-zero", ["data.batch_size=0"], "data.batch_size", "must be a whole number > 0"),
+    ("lr-zero", ["optim.lr=0"], "optim.lr", "must be a number > 0"),
+    ("lr-negative", ["optim.lr=-3e-4"], "optim.lr", "must be a number > 0"),
+    ("max-steps-zero", ["trainer.max_steps=0"], "trainer.max_steps", "> 0"),
+    ("warmup-longer-than-run", ["optim.warmup_steps=50"], "optim.warmup_steps", "shorten the warmup"),
+    ("no-validation-would-run", ["trainer.val_check_interval=100"], "trainer.val_check_interval", "use val_check_interval<=12"),
+    ("fp16-on-cpu", ["trainer.accelerator=cpu", "trainer.precision=16-mixed"], "trainer.precision", "use 32-true or bf16-mixed"),
+    ("unknown-precision", ["trainer.precision=fp8"], "trainer.precision", "use one of auto, 32-true"),
+    ("peak-tflops-negative", ["hardware.peak_tflops=-5"], "hardware.peak_tflops", "must be a number > 0"),
+    ("peak-tflops-in-flops-not-tflops", ["hardware.peak_tflops=3.12e14"], "hardware.peak_tflops", "hardware.peak_tflops=312"),
+    ("peak-tflops-not-a-number", ["hardware.peak_tflops=fast"], "hardware.peak_tflops", "must be a number > 0"),
+    ("nan-guard-policy", ["callbacks.nan_guard.policy=ignore"], "callbacks.nan_guard.policy", "use stop"),
+    ("nan-guard-max-skips", ["callbacks.nan_guard.max_skips=-1"], "callbacks.nan_guard.max_skips", ">= 0"),
+    ("wandb-mode", ["logger=wandb", "logger.wandb.mode=sometimes"], "logger.wandb.mode", "use one of auto, online, offline"),
+    ("resume-missing-file", ["resume=/nonexistent/last.ckpt"], "resume", "neither auto/never nor an existing checkpoint"),
+    ("unknown-data-source", ["data.source=ftp"], "data.source", "use one of shakespeare, text_files, hub"),
+    ("vocab-too-small", ["data.vocab_size=100"], "data.vocab_size", "use e.g. data.vocab_size=8192"),
+    ("tokenizer-file-missing", ["data.tokenizer_path=/nonexistent/tok.json"], "data.tokenizer_path", "give a tokenizers JSON file"),
+]
+if not torch.cuda.is_available():
+    CONFIG_CASES.append(("gpu-without-cuda", ["trainer=gpu"], "trainer.accelerator", "use trainer=cpu"))
+
+
+@pytest.mark.parametrize("overrides,key,fix", [c[1:] for c in CONFIG_CASES], ids=[c[0] for c in CONFIG_CASES])
+def test_bad_config_one_line_exit_2(compose, capsys, no_compute, tmp_path, overrides, key, fix):
+    cfg = compose(*overrides)
+    line = expect_one_line(capsys, lambda: run_main(cfg))
+    assert line.startswith(f"error: {key}: "), line
+    assert fix in line
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["state"] == "failed" and status["error"].startswith(f"{key}: ")
+
+
+# ------------------------------------------------------------------------ unknown group options
+@pytest.mark.parametrize(
+    "argv,key,fix",
+    [
+        (["routing=foo"], "routing", "use one of hash, none, segment_fixed, topk"),
+        (["model=mixture"], "model", "use one of dense, moe, sectional"),
+        (["size=huge"], "size", "use one of base, large, medium, nano, small, tiny"),
+        (["-m", "experts=2,4", "routing=topk,fancy"], "routing", "routing=fancy is not an option"),
+        (["logger=[csv,tensorboard]"], "logger", "logger=tensorboard is not an option"),
+        (["trainer=tpu"], "trainer", "use one of cpu"),
+    ],
+    ids=["routing", "family", "size-preset", "sweep", "logger-list", "trainer"],
+)
+def test_unknown_group_option_one_line(capsys, argv, key, fix):
+    line = expect_one_line(capsys, lambda: train_mod.check_cli_or_exit(argv))
+    assert line.startswith(f"error: {key}: ") and fix in line, line
+
+
+def test_valid_command_lines_pass_the_group_check():
+    for argv in (["model=moe", "routing=hash", "size=nano"], ["-m", "experts=2,4", "routing=topk,hash"],
+                 ["logger=[wandb,csv]", "experiment=quick", "debug=null"], ["--cfg", "job", "logger=none"],
+                 ["+callbacks.x._target_=a.B", "~logger", "hydra/launcher=submitit_local"]):
+        train_mod.check_cli_or_exit(argv)  # no SystemExit
+
+
+# ------------------------------------------------------------------------ data problems
+def test_missing_data_file(compose, capsys, no_compute, tmp_path):
+    cfg = compose("data=text_files", f"data.train_files=[{tmp_path}/nope.txt]", f"data.val_files=[{tmp_path}/nope.txt]")
+    line = expect_one_line(capsys, lambda: run_main(cfg))
+    assert line.startswith("error: data.train_files: ") and "does not exist" in line and "give existing text files" in line
+
+
+def test_empty_corpus(compose, capsys, no_compute, tmp_path):
+    (tmp_path / "empty.txt").write_text("   \n\n")
+    cfg = compose("data=text_files", f"data.train_files=[{tmp_path}/empty.txt]", f"data.val_files=[{tmp_path}/empty.txt]")
+    line = expect_one_line(capsys, lambda: run_main(cfg))
+    assert line.startswith("error: data.train_files: ") and "empty" in line and "give files with text" in line
+
+
+def test_dataset_too_short_for_one_block(compose, capsys, no_compute, tmp_path):
+    text = "To be, or not to be, that is the question. " * 200
+    (tmp_path / "train.txt").write_text(text)
+    (tmp_path / "val.txt").write_text("Words, words, words.")
+    cfg = compose("data=text_files", "data.vocab_size=300", f"data.train_files=[{tmp_path}/train.txt]", f"data.val_files=[{tmp_path}/val.txt]")
+    line = expect_one_line(capsys, lambda: run_main(cfg))
+    assert line.startswith("error: data.val_files: ") and "fewer than the seq_len+1=65" in line and "smaller size.seq_len" in line
+
+
+def test_train_split_smaller_than_one_batch(compose, capsys, no_compute):
+    cfg = compose("data.max_train_tokens=200", "data.batch_size=8")
+    line = expect_one_line(capsys, lambda: run_main(cfg))
+    assert line.startswith("error: data.batch_size: ") and "lower data.batch_size" in line
+
+
+# ------------------------------------------------------------------------ checkpoints
+def _fake_checkpoint(path: Path, spec: dict) -> Path:
+    atomic_save({"state_dict": {}, "global_step": 3, "hyper_parameters": {"spec": spec}}, path)
+    return path
+
+
+def test_vocab_mismatch_with_checkpoint(compose, capsys, no_compute, tmp_path):
+    spec = validate_config(compose()).to_dict()
+    ckpt = _fake_checkpoint(tmp_path / "other.ckpt", {**spec, "vocab_size": 1000})
+    cfg = compose(f"resume={ckpt}")
+    line = expect_one_line(capsys, lambda: run_main(cfg))
+    assert line.startswith("error: data.vocab_size: ") and "vocab_size=1000 but the tokenizer has 512" in line and "resume=never" in line
+
+
+def test_checkpoint_of_another_model(compose, capsys, no_compute, tmp_path):
+    spec = validate_config(compose()).to_dict()
+    ckpt = _fake_checkpoint(tmp_path / "other.ckpt", {**spec, "d_model": 128})
+    cfg = compose(f"resume={ckpt}")
+    line = expect_one_line(capsys, lambda: run_main(cfg))
+    assert line.startswith("error: resume: ") and "d_model=128" in line and "d_model=64" in line
+
+
+def test_truncated_checkpoint_given_as_resume(compose, capsys, no_compute, tmp_path):
+    spec = validate_config(compose()).to_dict()
+    ckpt = _fake_checkpoint(tmp_path / "cut.ckpt", spec)
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[: len(data) // 2])
+    cfg = compose(f"resume={ckpt}")
+    line = expect_one_line(capsys, lambda: run_main(cfg))
+    assert line.startswith("error: resume: ") and "not a readable checkpoint" in line and "resume=never" in line
+
+
+# ------------------------------------------------------------------------ launcher
+def test_slurm_launcher_without_slurm(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")  # no sbatch anywhere
+    with pytest.raises(ConfigError) as err:
+        check_launcher({"_target_": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"})
+    assert err.value.key == "hydra/launcher" and "sbatch" in str(err.value) and "run on a SLURM login node" in str(err.value)
+    check_launcher({"_target_": "hydra._internal.core_plugins.basic_launcher.BasicLauncher"})  # local: fine
+
+
+# ------------------------------------------------------------------------ the real command line
+@pytest.mark.parametrize(
+    "args,key,fix",
+    [
+        (["routing=foo"], "routing", "use one of hash, none, segment_fixed, topk"),
+        (["size=nano", "experts=3", "logger=none"], "experts", "pick experts dividing d_model"),
+        (["-m", "hydra/launcher=submitit_slurm", "experts=2,4", "logger=none"], "hydra/launcher", "run on a SLURM login node"),
+    ],
+    ids=["hydra-group-typo", "config-error", "slurm-launcher"],
+)
+def test_cli_prints_one_line_and_exits_2(tmp_path, args, key, fix):
+    # an empty PATH: this machine may have a real SLURM, and nothing here may ever reach sbatch
+    empty_bin = tmp_path / "bin"
+    empty_bin.mkdir()
+    assert shutil.which("sbatch", path=str(empty_bin)) is None
+    proc = run_train_cli(*args, cwd=tmp_path, env={"PATH": str(empty_bin)}, timeout=180)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and lines[0].startswith(f"error: {key}: ") and fix in lines[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not list(tmp_path.rglob("*.ckpt"))
