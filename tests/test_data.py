@@ -342,7 +342,7 @@ def test_every_data_config_is_accepted_by_the_datamodule(name: str, tmp_path: Pa
         assert e.value.key in ("data.train_files", "data.hub_path")
     else:
         dm = LMDataModule(**cfg, seq_len=16, cache_dir=tmp_path, seed=0)
-        assert dm.batch_size == 32 and dm.vocab_size_requested == 8192
+        assert dm.batch_size == cfg["batch_size"] > 0 and dm.vocab_size_requested == 8192
         assert dm.pin_memory == torch.cuda.is_available()
 
 

@@ -108,9 +108,10 @@ def test_cli_run_writes_checkpoints_csv_and_a_readable_offline_wandb_run(tmp_pat
     val_csv = _series(rows, "val/loss")
     assert len(val_csv) == 2
 
-    (wandb_dir,) = run_dirs(run_dir / "wandb")
+    (wandb_dir,) = run_dirs(run_dir)  # <run dir>/wandb/offline-run-*
     run = read_run(wandb_dir)
-    assert run["run"]["name"] == "experts=2,routing=topk"
+    assert run["run"]["name"].startswith("data.batch_size=8,data.vocab_size=512,experts=2,")  # from the overrides
+    assert run["run"]["name"] in proc.stdout and "routing=topk" in run["run"]["name"]
     # logged config: flat, with the family/routing keys dashboards group by, and derived quantities
     assert run["config"]["family"] == "sectional" and run["config"]["routing.name"] == "topk"
     assert run["config"]["experts"] == 2 and run["config"]["size.name"] == "nano"
