@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
@@ -69,10 +70,27 @@ def job_dirname(overrides: list[str], exclude_keys: list[str], seed: Any) -> str
     return runs.run_key(",".join(kept), seed_value)
 
 
+def _dirs_by_overrides(sweep_dir: Path) -> dict[frozenset[str], Path]:
+    """Job directories of a sweep keyed by the overrides Hydra recorded in ``.hydra/overrides.yaml``.
+
+    Matching on what was recorded, not on a recomputed name, survives what the name cannot show:
+    interpolated values (``'${size.d_ff}'`` becomes ``_48_``) and long names shortened to a digest.
+    """
+    found: dict[frozenset[str], Path] = {}
+    for path in sweep_dir.glob("*/.hydra/overrides.yaml"):
+        try:  # plain YAML: the recorded values may hold interpolations that must stay text
+            recorded = yaml.safe_load(path.read_text()) or []
+        except (OSError, yaml.YAMLError):  # a half-written file: fall back to the computed name
+            continue
+        found[frozenset(str(o) for o in recorded)] = path.parent.parent
+    return found
+
+
 def sweep_table(sweep_dir: Path, jobs: list[list[str]], exclude_keys: list[str], seed: Any) -> list[dict[str, Any]]:
+    recorded = _dirs_by_overrides(sweep_dir)
     rows = []
     for overrides in jobs:
-        run_dir = sweep_dir / job_dirname(overrides, exclude_keys, seed)
+        run_dir = recorded.get(frozenset(overrides)) or sweep_dir / job_dirname(overrides, exclude_keys, seed)
         status = read_status(run_dir) or {}
         state = status.get("state", "not started")
         if state == "running":
