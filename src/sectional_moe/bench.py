@@ -44,6 +44,7 @@ import platform
 import shlex
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -512,6 +513,7 @@ def run_lightning(case: Case, batch: int, warmup: int, steps: int, device: torch
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         num_sanity_val_steps=0, limit_val_batches=0, gradient_clip_val=GRAD_CLIP,
         log_every_n_steps=log_every, check_val_every_n_epoch=None, val_check_interval=10**9,
+        default_root_dir=tempfile.mkdtemp(prefix="smoe-bench-"),  # callback files (expert_load.json) stay out of the cwd
     )
     trainer.fit(module, train_dataloaders=make_loader(case.spec, batch, total, device))
     ends = timer.ends
