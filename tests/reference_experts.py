@@ -17,14 +17,17 @@ def dedicated_ffn(ffn, x_END: torch.Tensor) -> torch.Tensor:
     return torch.stack([expert_ffn(ffn.w13[e], ffn.w2[e], x_END[e]) for e in range(ffn.num_experts)])
 
 
-def routed_ffn(ffn, x_Nd: torch.Tensor, ids_NK: torch.Tensor, weights_NK: torch.Tensor, capacity: int | None = None) -> torch.Tensor:
+def routed_ffn(ffn, x_Nd: torch.Tensor, ids_NK: torch.Tensor, weights_NK: torch.Tensor, capacity: int | None = None,
+               priority_N: torch.Tensor | None = None) -> torch.Tensor:
     """y[n] = sum_k w[n,k] * expert_{ids[n,k]}(x[n]); with a capacity, the first `capacity`
-    assignments to each expert in (item, slot) order are kept."""
+    assignments to each expert in (priority, item, slot) order are kept (priority: item order)."""
     y = torch.zeros_like(x_Nd)
+    N, K = ids_NK.shape
+    prio = torch.arange(N) if priority_N is None else priority_N
     for e in range(ffn.num_experts):
         n_idx, k_idx = (ids_NK == e).nonzero(as_tuple=True)
         if capacity is not None:
-            order = torch.argsort(n_idx * ids_NK.shape[1] + k_idx)
+            order = torch.argsort((prio[n_idx] * N + n_idx) * K + k_idx)
             n_idx, k_idx = n_idx[order][:capacity], k_idx[order][:capacity]
         if len(n_idx):
             out = expert_ffn(ffn.w13[e], ffn.w2[e], x_Nd[n_idx])

@@ -98,7 +98,7 @@ def test_debug_configs_compose(compose, debug):
 
 def test_experiment_quick_composes(compose):
     cfg = compose("experiment=quick", tiny=False)
-    assert cfg.size.name == "nano" and cfg.trainer.max_steps == 200 and cfg.data.vocab_size == 2048
+    assert cfg.size.name == "nano" and cfg.trainer.max_steps == 1000 and cfg.data.vocab_size == 2048
     assert validate_config(cfg).seq_len == 64
 
 

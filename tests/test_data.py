@@ -206,6 +206,23 @@ def test_unigram_baseline_is_finite_and_sensible(shakespeare: LMDataModule):
     assert unigram_perplexity(counts, np.array([0])) == pytest.approx(7 / 4)
 
 
+def test_bigram_baseline_matches_hand_counts_and_beats_the_unigram(shakespeare: LMDataModule):
+    from sectional_moe.data.loading import bigram_perplexity
+
+    # stream 0 1 0 1 0 2 (V = 3): c(0) = 3 with successors {1: 2, 2: 1}; p_uni = (3, 2, 1) / 9 smoothed
+    stream = np.array([0, 1, 0, 1, 0, 2])
+    uni = (np.array([3, 2, 1]) + 1.0) / (6 + 3)
+    p_01 = (2 - 0.75) / 3 + 0.75 * 2 / 3 * uni[1]
+    p_20 = uni[0]  # context 2 never precedes anything in training: the unigram fallback
+    expected = np.exp(-np.mean(np.log([p_01, p_20])))
+    assert bigram_perplexity(stream, np.array([[0, 1], [2, 0]]), 3) == pytest.approx(expected, rel=1e-12)
+    # it is a distribution over the next token for every context
+    for ctx in range(3):
+        probs = [1 / bigram_perplexity(stream, np.array([[ctx, w]]), 3) for w in range(3)]
+        assert sum(probs) == pytest.approx(1.0, rel=1e-12)
+    assert 5 < shakespeare.bigram_ppl("validation") < shakespeare.unigram_ppl("validation")
+
+
 # ----------------------------------------------------------------------------------- loading
 def test_text_files_are_loaded_by_the_datasets_text_builder(tmp_path: Path, monkeypatch):
     files = write_text_corpus(tmp_path)

@@ -22,7 +22,7 @@ from sectional_moe.flops import flops_per_token, param_counts
 from sectional_moe.hardware import Peak, gpu_peak, lookup_gpu, peak_flops
 from sectional_moe.lit import LMModule
 from sectional_moe.spec import ModelSpec
-from sectional_moe.wandb_files import BLOCK, iter_raw_records, read_run, run_dirs
+from sectional_moe.wandb_files import BLOCK, find_run_file, iter_raw_records, read_run, run_dirs
 
 B, T, V = 4, 32, 97  # batch, seq_len and vocabulary of every run here
 OPTIM = dict(lr=1e-3, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.1, fused=False, schedule="constant",
@@ -282,7 +282,7 @@ def test_offline_wandb_run_file_holds_the_summary_keys(tmp_path, monkeypatch):
         "summary/peak_source", "summary/mem_peak_rss_gib", "summary/params_total", "summary/params_active",
         "summary/flops_per_token", "summary/tokens", "summary/flops",
     }
-    assert expected <= set(s), sorted(expected - set(s))
+    assert expected <= set(s), (sorted(expected - set(s)), _record_kinds(run_dir), run["exit_code"])
     assert {k: s[k] for k in summary.values} == summary.values  # what the callback computed, read back
     assert s["summary/params_total"] == params["total"] and s["summary/params_active"] == params["active"]
     assert s["summary/flops_per_token"] == flops_per_token(module.spec, training=True)
@@ -299,6 +299,20 @@ def test_offline_wandb_run_file_holds_the_summary_keys(tmp_path, monkeypatch):
     assert rows_with_val and all("perf/tokens" in r and "perf/flops" in r for r in rows_with_val)
     # other rows get the x-axis from W&B's step_sync
     assert all("perf/tokens" in r for r in run["history"] if "train/loss" in r or "mem/rss_gib" in r)
+
+
+def _record_kinds(run_dir: Path) -> dict[str, int]:
+    """How many records of each kind a run file holds (for a failure message)."""
+    from collections import Counter
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    kinds: Counter[str] = Counter()
+    for raw in iter_raw_records(find_run_file(run_dir)):
+        rec = pb.Record()
+        rec.ParseFromString(raw)
+        kinds[rec.WhichOneof("record_type") or "?"] += 1
+    return dict(kinds)
 
 
 def _frame(records: list[bytes]) -> bytes:

@@ -69,6 +69,47 @@ def test_changing_future_tokens_never_changes_past_logits(family, routing, kw):
             assert (out[:, t + 1 :] - base[:, t + 1 :]).abs().max().item() > 1e-3  # visible later
 
 
+@pytest.mark.parametrize("family,routing", [("moe", "topk"), ("moe", "hash"), ("sectional", "topk"), ("sectional", "hash")])
+def test_capacity_dropping_is_causal(family, routing):
+    """Over-capacity assignments are dropped position-major, so a later token never evicts an earlier one."""
+    torch.manual_seed(0)
+    spec = tiny_spec(family, routing, capacity_factor=0.5, **({"seq_reduction": 2} if family == "sectional" else {}))
+    model = build_model(spec).eval()
+    ids = torch.randint(0, spec.vocab_size, (2, spec.seq_len))
+    with torch.no_grad():
+        base, aux = model(ids)
+        assert max(a["drop_frac"].item() for a in aux) > 0.1  # the capacity really bites
+        for t in (0, 5, 12, spec.seq_len - 2):
+            changed = ids.clone()
+            changed[:, t + 1:] = torch.randint(0, spec.vocab_size, changed[:, t + 1:].shape)
+            out, _ = model(changed)
+            assert (out[:, : t + 1] - base[:, : t + 1]).abs().max().item() < 1e-6, f"position <= {t} saw a later token"
+
+
+def test_causal_priority_orders_by_position_then_row_then_section():
+    from sectional_moe.models.routing import causal_priority
+
+    # token MoE: items (b, t) row-major; B=2, T=3 -> priorities t*B + b
+    assert causal_priority(batch=2, seq=3).tolist() == [0, 2, 4, 1, 3, 5]
+    # sectional slices (g, b, t) section-major; G=2, B=1, T=2 -> (t*B + b)*G + g
+    assert causal_priority(batch=1, seq=2, groups=2, group_major=True).tolist() == [0, 2, 1, 3]
+
+
+def test_capacity_with_priority_equals_loop_reference():
+    from sectional_moe.models.routing import causal_priority
+
+    torch.manual_seed(0)
+    ffn = ExpertFFN(4, 8, 12)
+    B, T, K = 2, 16, 2
+    x = torch.randn(B * T, 8)
+    weights, ids, _ = route_topk(torch.randn(B * T, 4) * 3, K)
+    prio = causal_priority(batch=B, seq=T)
+    y, dropped = ffn.forward_routed(x, ids, weights, expert_counts(ids, 4), capacity_factor=0.75, priority_N=prio)
+    capacity = 12  # ceil(0.75 * 32 * 2 / 4)
+    torch.testing.assert_close(y, ref.routed_ffn(ffn, x, ids, weights, capacity=capacity, priority_N=prio), atol=1e-5, rtol=1e-5)
+    assert dropped > 0
+
+
 def test_dedicated_experts_equal_loop_reference():
     torch.manual_seed(0)
     ffn = ExpertFFN(4, 8, 12)
@@ -175,6 +216,29 @@ def test_topk_gradients_reach_every_expert_and_the_router(family):
     per_expert = w13_grad.abs().flatten(1).sum(1)
     assert (per_expert > 0).all(), f"experts without gradient: {per_expert}"
     assert ffn_owner.router.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("family", ["moe", "sectional"])
+@pytest.mark.parametrize("k", [1, 2])
+def test_router_learns_from_the_lm_loss_alone(family, k):
+    """No aux loss in the objective: the router's gradient must come from the gates (k = 1 included)."""
+    torch.manual_seed(0)
+    spec = tiny_spec(family, "topk", experts=4, n_layers=1, top_k=k)
+    model = build_model(spec)
+    ids = torch.randint(0, spec.vocab_size, (4, spec.seq_len))
+    logits, _ = model(ids)
+    torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+    block = model.blocks[0]
+    router = (block.ffn if family == "moe" else block.experts).router
+    assert router.weight.grad.abs().max().item() > 1e-6
+
+
+def test_single_expert_gate_is_the_router_probability():
+    logits = torch.tensor([[2.0, 0.0, -1.0]])
+    w1, ids1, probs = route_topk(logits, 1)
+    assert ids1.tolist() == [[0]] and w1.item() == pytest.approx(probs[0, 0].item()) and w1.item() < 1
+    w2, _, _ = route_topk(logits, 2)
+    assert w2.sum().item() == pytest.approx(1.0)
 
 
 def _table_digest(seed: int) -> str:

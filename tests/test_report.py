@@ -198,6 +198,13 @@ def test_report_cli_writes_every_figure_and_lists_the_failure(sweep: Path, runs_
     assert find_wandb_files(out) and all(read_wandb_files(f) is None for f in find_wandb_files(out).values())  # skipped as a run
 
 
+def test_logged_metric_names_map_to_table_columns() -> None:
+    from sectional_moe.report.cli import table_column
+
+    assert table_column("val/ppl") == "val_ppl_best" and table_column("perf/step_time") == "step_time_s"
+    assert table_column("val_ppl_final") == "val_ppl_final" and table_column("routing") == "routing"
+
+
 def test_cli_rejects_unknown_metric(sweep: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert report_main([str(sweep), "--out", str(tmp_path), "--no-progress", "--metric", "nope"]) == 2
     assert "--metric 'nope'" in capsys.readouterr().err

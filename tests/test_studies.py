@@ -37,7 +37,9 @@ def test_e_sweep_covers_the_road_map_grid():
     jobs = [set(j) for j in studies.load_study("e_sweep").jobs("cpu")]
     for e in (1, 2, 4, 8, 16):
         for routing in ("segment_fixed", "topk", "hash"):
-            assert sum({"model=sectional", f"experts={e}", f"routing={routing}"} <= j for j in jobs) == 1
+            assert sum({"model=sectional", "model.sectional_every=2", f"experts={e}", f"routing={routing}"} <= j for j in jobs) == 1
+        # the paper read literally (every layer sectional) as a reference line
+        assert sum({"model=sectional", "model.sectional_every=1", f"experts={e}"} <= j for j in jobs) == 1
     assert sum("model=dense" in j for j in jobs) == 1  # the baseline once, not once per E
     assert sum("model=moe" in j for j in jobs) == 6
 
@@ -55,7 +57,7 @@ def test_slicemoe_check_is_parameter_matched():
 def test_commands_share_the_study_group_and_scale_overrides():
     study = studies.load_study("e_sweep")
     cmds = studies.train_commands(study, "cpu", ["hydra/launcher=slurm"])
-    assert len(cmds) == len(study.sweep_lines("cpu")) == 3
+    assert len(cmds) == len(study.sweep_lines("cpu")) == 4
     for cmd in cmds:
         assert cmd[2] == "-m" and "group=study-e_sweep-cpu" in cmd and "experiment=study_cpu" in cmd
         assert cmd[-1] == "hydra/launcher=slurm"

@@ -94,7 +94,7 @@ def test_cli_run_writes_checkpoints_csv_and_a_readable_offline_wandb_run(tmp_pat
         cwd=tmp_path, env={"WANDB_MODE": "offline"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "final:" in proc.stdout and "test/ppl=" in proc.stdout and "unigram baseline" in proc.stdout
+    assert "final:" in proc.stdout and "test/ppl=" in proc.stdout and "baselines val ppl: unigram=" in proc.stdout and " bigram=" in proc.stdout
 
     # every output lands in the run directory, none in the working directory
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()
@@ -122,3 +122,18 @@ def test_cli_run_writes_checkpoints_csv_and_a_readable_offline_wandb_run(tmp_pat
     assert any("moe/lb_loss" in row for row in history) and any("perf/tokens_per_s" in row for row in history)
     assert run["summary"]["test/ppl"] == pytest.approx(json.loads((run_dir / "metrics.json").read_text())["test/ppl"])
     assert run["exit_code"] == 0
+
+
+def test_a_job_never_attaches_to_the_wandb_service_of_the_process_that_launched_it():
+    """An inherited ``WANDB_SERVICE`` (the launcher's, pytest's, a notebook's) is dropped; our own is kept."""
+    import os
+
+    from sectional_moe.loggers import detach_inherited_wandb_service
+
+    parent = {"WANDB_SERVICE": f"3-{os.getppid()}-unix-/tmp/wandb-core.sock", "OTHER": "x"}
+    assert detach_inherited_wandb_service(parent) and parent == {"OTHER": "x"}
+    garbled = {"WANDB_SERVICE": "not-a-token"}
+    assert detach_inherited_wandb_service(garbled) and garbled == {}
+    own = {"WANDB_SERVICE": f"3-{os.getpid()}-tcp-localhost-4242"}
+    assert not detach_inherited_wandb_service(own) and own["WANDB_SERVICE"].endswith("4242")
+    assert not detach_inherited_wandb_service({})

@@ -203,7 +203,11 @@ def check_launcher(launcher: Mapping[str, Any] | None) -> None:
     import shutil
 
     target = str((launcher or {}).get("_target_", ""))
-    if "slurm" in target.lower() and shutil.which("sbatch") is None:
+    if "slurm" not in target.lower():
+        return
+    assert launcher is not None
+    launcher.get("tasks_per_node")  # resolves ${smoe.slurm_tasks:...}: a config error comes before "no SLURM here"
+    if shutil.which("sbatch") is None:
         raise ConfigError("hydra/launcher", f"{target.rsplit('.', 1)[-1]} submits jobs with sbatch, which is not on PATH (no SLURM here); "
                           "run on a SLURM login node, start a local cluster (as root: bash slurm/local-cluster.sh start), "
                           "or drop hydra/launcher=... to run the jobs locally")

@@ -12,7 +12,7 @@ import csv
 import os
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, MutableMapping
 
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
@@ -65,6 +65,7 @@ def build_loggers(cfg_logger: Mapping[str, Any], *, run_dir: Path, name: str, gr
     """Instantiate the selected loggers (any of ``wandb``, ``csv``) for the run in ``run_dir``."""
     loggers: list[Logger] = []
     if "wandb" in cfg_logger:
+        detach_inherited_wandb_service()
         w = dict(cfg_logger["wandb"])
         mode = resolve_wandb_mode(w.pop("mode", "auto"))
         loggers.append(
@@ -85,6 +86,24 @@ def build_loggers(cfg_logger: Mapping[str, Any], *, run_dir: Path, name: str, gr
     if "csv" in cfg_logger:
         loggers.append(AppendingCSVLogger(save_dir=str(run_dir), name=cfg_logger["csv"].get("name", "csv"), resume_step=resume_step))
     return loggers
+
+
+def detach_inherited_wandb_service(environ: MutableMapping[str, str] | None = None) -> bool:
+    """Forget a ``WANDB_SERVICE`` token inherited from the process that launched this one.
+
+    wandb exports the address of its ``wandb-core`` service to the environment, so a job started
+    from a process that used wandb (a notebook, pytest, a login-node script) would attach to that
+    parent's service: on another node it cannot, and after a requeue the parent still holds the
+    killed attempt's run, so the resumed run fails with "run ID ... is in use". A token is ours
+    only if it names this process as the one that started the service. Returns True if one was dropped.
+    """
+    env = os.environ if environ is None else environ
+    token = env.get("WANDB_SERVICE", "")
+    owner = re.match(r"\d+-(\d+)-", token)
+    if token and (owner is None or int(owner.group(1)) != os.getpid()):
+        del env["WANDB_SERVICE"]
+        return True
+    return False
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

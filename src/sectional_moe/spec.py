@@ -64,7 +64,10 @@ class ModelSpec:
     seq_pool: str = "mean"  # how r tokens are merged: mean | linear
     expert_attention: bool = True  # experts hold attention + FFN (False: FFN only)
     merge_proj: bool = False  # d x d projection after concatenating the sections
-    sectional_every: int = 1  # every k-th layer is sectional, the others dense
+    # every k-th layer is sectional, the others dense. 1 is the paper read literally (and the
+    # decisions table); conf/model/sectional.yaml, what train.py builds, defaults to 2 because with
+    # r = E every layer sectional trails dense badly (docs/results/README.md)
+    sectional_every: int = 1
 
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes, never read by the model
 

@@ -238,7 +238,7 @@ def _summary_line(name: str, metrics: dict[str, float], dm: Any) -> str:
         if key in metrics:
             parts.append(f"{key}={metrics[key]:.2f}")
     try:
-        parts.append(f"unigram baseline val ppl={dm.unigram_ppl('validation'):.1f}")
+        parts.append(f"baselines val ppl: unigram={dm.unigram_ppl('validation'):.1f} bigram={dm.bigram_ppl('validation'):.1f}")
     except Exception:  # the baseline is informative only
         pass
     return "final: " + "  ".join(parts)

@@ -338,6 +338,15 @@ class LMDataModule(pl.LightningDataModule):
         blocks = self._split(split).blocks.with_format("numpy")[:]["input_ids"]
         return loading.unigram_perplexity(self._train_counts, np.asarray(blocks)[:, 1:].reshape(-1))
 
+    def bigram_ppl(self, split: str = "validation") -> float:
+        """Perplexity on ``split``'s (input, target) pairs of a smoothed bigram model fitted on the
+        train tokens (:func:`loading.bigram_perplexity`): the level of adjacent-token statistics."""
+        train = self._split("train")
+        stream = loading.flat_tokens(loading.token_column(train.tokens), self.max_train_tokens)
+        blocks = np.asarray(self._split(split).blocks.with_format("numpy")[:]["input_ids"])
+        pairs = np.stack([blocks[:, :-1].reshape(-1), blocks[:, 1:].reshape(-1)], axis=1)
+        return loading.bigram_perplexity(stream, pairs, self.vocab_size)
+
     def describe(self) -> dict[str, Any]:
         """Flat summary for the run config: source, vocabulary, tokens and blocks per split."""
         out: dict[str, Any] = {"source": self.source, "name": self.name, "vocab_size": self.vocab_size,
@@ -347,6 +356,7 @@ class LMDataModule(pl.LightningDataModule):
             out[f"tokens_{split}"] = self.num_tokens(split)
             out[f"blocks_{split}"] = self.num_blocks(split)
         out["unigram_ppl_validation"] = round(self.unigram_ppl("validation"), 2)
+        out["bigram_ppl_validation"] = round(self.bigram_ppl("validation"), 2)
         return out
 
 

@@ -1,6 +1,7 @@
 """Token-routed MoE FFN (the ``model=moe`` family): whole tokens go to experts.
 
-``routing=topk``: a linear router (fp32) scores each token over E experts, top-k renormalised,
+``routing=topk``: a linear router (fp32) scores each token over E experts, top-k (renormalised for k > 1;
+k = 1 gates by the expert's probability, Switch-style),
 load-balancing loss (1.0 = balanced) and router z-loss, optional always-on shared expert,
 dropless by default with an optional capacity factor.
 ``routing=hash`` (Roller et al. 2021): a fixed seeded token-id -> expert table, one expert per
@@ -17,6 +18,7 @@ from torch import nn
 from sectional_moe.models.blocks import SwiGLU
 from sectional_moe.models.routing import (
     ExpertFFN,
+    causal_priority,
     expert_counts,
     hash_table,
     load_balance_loss,
@@ -55,7 +57,8 @@ class TokenMoEFFN(nn.Module):
             ids_NK = self.table[ids.reshape(-1)]  # (N, 1)
             weights_NK = torch.ones_like(ids_NK, dtype=x.dtype)
             counts_E = expert_counts(ids_NK, self.experts.num_experts)
-        y_ND, dropped = self.experts.forward_routed(x_ND, ids_NK, weights_NK, counts_E, self.capacity_factor)
+        priority = causal_priority(batch=B, seq=T) if self.capacity_factor is not None else None
+        y_ND, dropped = self.experts.forward_routed(x_ND, ids_NK, weights_NK, counts_E, self.capacity_factor, priority)
         if self.shared is not None:
             y_ND = y_ND + self.shared(x_ND)
         aux["counts"] = counts_E.detach()

@@ -20,14 +20,31 @@ from sectional_moe.models.blocks import swiglu
 
 
 def route_topk(logits_NE: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Softmax (fp32) over E experts, keep the top k, renormalise the kept weights to sum to 1.
+    """Softmax (fp32) over E experts, keep the top k; for k > 1 renormalise the kept weights to sum to 1.
 
+    With k = 1 the gate is the raw top probability (Switch Transformer): renormalising a single
+    weight would make it exactly 1, and the router would get no gradient from the LM loss.
     Returns (weights_NK fp32, expert_ids_NK int64, probs_NE fp32).
     """
     probs_NE = torch.softmax(logits_NE.float(), dim=-1)
     top_NK, ids_NK = probs_NE.topk(k, dim=-1)
-    weights_NK = top_NK / top_NK.sum(dim=-1, keepdim=True)
+    weights_NK = top_NK / top_NK.sum(dim=-1, keepdim=True) if k > 1 else top_NK
     return weights_NK, ids_NK, probs_NE
+
+
+def causal_priority(*, batch: int, seq: int, groups: int = 1, group_major: bool = False) -> torch.Tensor:
+    """Capacity priority of routed items, position-major: lower is served first.
+
+    Items are ``(batch, seq)`` flattened row-major, with ``groups`` (sections) as an outer
+    (``group_major``: sectional slices are section-major) or no extra axis. An item at position t
+    ranks after every item at positions < t of every sequence, so whether it is dropped never
+    depends on a later token: capacity stays causal. Returns int64 of length groups*batch*seq.
+    """
+    t = torch.arange(seq).view(1, 1, seq)
+    b = torch.arange(batch).view(1, batch, 1)
+    g = torch.arange(groups).view(groups, 1, 1)
+    prio = (t * batch + b) * groups + g  # (G, B, T)
+    return (prio if group_major else prio.permute(1, 2, 0)).reshape(-1)
 
 
 def expert_counts(ids_NK: torch.Tensor, num_experts: int) -> torch.Tensor:
@@ -95,11 +112,20 @@ class ExpertFFN(nn.Module):
         weights_NK: torch.Tensor,
         counts_E: torch.Tensor,
         capacity_factor: float | None = None,
+        priority_N: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Weighted sum over each item's K experts. Returns (y (N, d), dropped fraction (scalar))."""
+        """Weighted sum over each item's K experts. Returns (y (N, d), dropped fraction (scalar)).
+
+        With a capacity, each expert keeps its first ``capacity`` assignments in ``priority_N``
+        order (lower first; default: item order), e.g. :func:`causal_priority`.
+        """
         N, K = ids_NK.shape
         flat_ids = ids_NK.reshape(-1)  # (N*K,)
-        order = flat_ids.argsort(stable=True)  # assignments grouped by expert
+        if capacity_factor is not None and priority_N is not None:
+            by_priority = priority_N.to(flat_ids.device).repeat_interleave(K).argsort(stable=True)
+            order = by_priority[flat_ids[by_priority].argsort(stable=True)]  # by expert, then priority
+        else:
+            order = flat_ids.argsort(stable=True)  # assignments grouped by expert
         item_of = order // K  # source item of each sorted assignment
         ends_E = counts_E.cumsum(0)
         offs = ends_E.to(torch.int32)

@@ -37,6 +37,7 @@ from torch import nn
 from sectional_moe.models.blocks import Rope, TransformerBlock, causal_attention, rms_norm
 from sectional_moe.models.routing import (
     ExpertFFN,
+    causal_priority,
     expert_counts,
     hash_table,
     load_balance_loss,
@@ -136,7 +137,10 @@ class SectionExperts(nn.Module):
             expert_ids = self.table[ids.reshape(-1)].t().reshape(E * N, 1)  # (M, 1), section-major
             weights = torch.ones_like(expert_ids, dtype=x_MS.dtype)
             counts = expert_counts(expert_ids, E)
-        y, dropped = self.ffn.forward_routed(x_MS, expert_ids, weights, counts, self.capacity_factor)
+        priority = None
+        if self.capacity_factor is not None:  # ids is (B, T) at this layer's (shortened) length
+            priority = causal_priority(batch=ids.shape[0], seq=ids.shape[1], groups=E, group_major=True)
+        y, dropped = self.ffn.forward_routed(x_MS, expert_ids, weights, counts, self.capacity_factor, priority)
         aux["counts"] = counts.detach()
         if self.capacity_factor is not None:
             aux["drop_frac"] = dropped

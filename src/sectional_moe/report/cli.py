@@ -19,6 +19,16 @@ from sectional_moe.report.collect import TABLE_COLUMNS, collect, parse_wandb_sou
 KINDS = {"auto": "auto", "runs": "runs", "wandb": "wandb-offline", "wandb-offline": "wandb-offline", "wandb-api": "wandb-api"}
 
 
+# logged metric names (as in W&B / experiments/*.yaml) -> the table column a report compares
+METRIC_ALIASES = {"val/ppl": "val_ppl_best", "val/loss": "val_loss_best", "test/ppl": "test_ppl", "test/loss": "test_loss",
+                  "perf/step_time": "step_time_s", "perf/tokens_per_s": "tokens_per_s", "perf/mfu": "mfu"}
+
+
+def table_column(name: str) -> str:
+    """A column name, or the column a logged metric name stands for (``val/ppl`` -> ``val_ppl_best``)."""
+    return METRIC_ALIASES.get(name, name if name in TABLE_COLUMNS else name.replace("/", "_"))
+
+
 def default_out(source: str) -> Path:
     if source.startswith("wandb:"):
         entity, project, group = parse_wandb_source(source)
@@ -32,7 +42,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("source", help="sweep/output directory, directory of offline W&B runs, or wandb:ENTITY/PROJECT[/GROUP]")
     p.add_argument("--from", dest="kind", choices=sorted(KINDS), default="auto",
                    help="read run directories (runs) or W&B run files (wandb) when a directory holds both; default: runs if any")
-    p.add_argument("--metric", default="val_ppl_best", help="column to plot against E and sort the comparison by (default val_ppl_best)")
+    p.add_argument("--metric", default="val_ppl_best", help="column (or logged metric, e.g. val/ppl) to plot against E and sort the comparison by (default val_ppl_best)")
     p.add_argument("--group-by", default="routing", help="column that splits the lines of the per-E plots (default routing)")
     p.add_argument("--out", type=Path, default=None, help="output directory (default <SOURCE>/report)")
     p.add_argument("--wandb", dest="wandb_mode", choices=("off", "offline", "online", "auto"), default="off",
@@ -57,6 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if table.empty:
         print(f"error: no runs found in {args.source}", file=sys.stderr)
         return 2
+    args.metric, args.group_by = table_column(args.metric), table_column(args.group_by)
     for col, flag in ((args.metric, "--metric"), (args.group_by, "--group-by")):
         if col not in TABLE_COLUMNS:
             print(f"error: {flag} {col!r} is not a column; columns: {', '.join(TABLE_COLUMNS)}", file=sys.stderr)
