@@ -79,9 +79,12 @@ CONFIG_CASES = [
     ("unknown-data-source", ["data.source=ftp"], "data.source", "use one of shakespeare, text_files, hub"),
     ("vocab-too-small", ["data.vocab_size=100"], "data.vocab_size", "use e.g. data.vocab_size=8192"),
     ("tokenizer-file-missing", ["data.tokenizer_path=/nonexistent/tok.json"], "data.tokenizer_path", "give a tokenizers JSON file"),
+    ("fsdp-on-cpu-accelerator", ["trainer=fsdp", "trainer.accelerator=cpu", "trainer.precision=32-true"], "trainer.strategy",
+     "use trainer=ddp_sim on CPU"),
 ]
 if not torch.cuda.is_available():
     CONFIG_CASES.append(("gpu-without-cuda", ["trainer=gpu"], "trainer.accelerator", "use trainer=cpu"))
+    CONFIG_CASES.append(("fsdp-without-cuda", ["trainer=fsdp"], "trainer.strategy", "use trainer=ddp_sim on CPU"))
 
 
 @pytest.mark.parametrize("overrides,key,fix", [c[1:] for c in CONFIG_CASES], ids=[c[0] for c in CONFIG_CASES])
@@ -92,6 +95,29 @@ def test_bad_config_one_line_exit_2(compose, capsys, no_compute, tmp_path, overr
     assert fix in line
     status = json.loads((tmp_path / "run" / "status.json").read_text())
     assert status["state"] == "failed" and status["error"].startswith(f"{key}: ")
+
+
+@pytest.mark.parametrize("devices,shown", [(4, "devices=4"), ("[0,3]", "devices=[0, 3]"), ("'0,2'", "devices=[0, 2]")],
+                         ids=["count", "index-list", "index-string"])
+def test_more_devices_than_visible_gpus(compose, capsys, no_compute, tmp_path, monkeypatch, devices, shown):
+    """On a node with one visible GPU (faked: this check must not need real GPUs to be tested)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    cfg = compose("trainer=gpu", f"trainer.devices={devices}")
+    line = expect_one_line(capsys, lambda: run_main(cfg))
+    assert line.startswith(f"error: trainer.devices: {shown} but only 1 CUDA device(s) are visible"), line
+    assert "use trainer.devices<=1" in line
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["error"].startswith("trainer.devices: ")
+
+
+def test_devices_that_exist_pass(compose, monkeypatch):
+    from sectional_moe.config import check_devices
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for devices in (1, 2, -1, "auto", [1], "0,1"):
+        check_devices({"accelerator": "gpu", "devices": devices})
+    check_devices({"accelerator": "cpu", "devices": 8})  # CPU processes are not GPUs
 
 
 # ------------------------------------------------------------------------ unknown group options

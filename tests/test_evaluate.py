@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from sectional_moe.errors import ConfigError
 from sectional_moe.evaluate import (
     evaluate, generate, load_checkpoint, main, measure_decode, measure_prefill, next_token_logits, perplexity,
+    restart_length,
 )
 from sectional_moe.flops import flops_per_token
 from sectional_moe.lit import LMModule
@@ -97,8 +98,9 @@ def test_evaluate_works_on_a_checkpoint_of_each_family(name, checkpoints, tmp_pa
     assert 1 < test["ppl"] < 10 * spec.vocab_size and test["ppl"] == pytest.approx(math.exp(test["loss"]))
     assert results["prefill"]["tokens_per_s"] > 0 and results["prefill"]["context_tokens"] == T
     decode = results["decode"]
-    assert decode["tokens_per_s"] > 0 and decode["kv_cache"] is False and "no KV cache" in decode["note"]
-    assert decode["flops_per_token"] == T * flops_per_token(spec, training=False)  # a full-context pass per token
+    assert decode["tokens_per_s"] > 0 and decode["kv_cache"] is True and "KV-cached" in decode["note"]
+    assert decode["new_tokens"] == 4 and decode["context_tokens"] == T - 4  # the prompt and the steps fill seq_len
+    assert decode["flops_per_token"] == flops_per_token(spec, training=False)  # one new position per step
     assert results["sample"]["text"].startswith("the king") and len(results["sample"]["text"]) > len("the king")
     written = json.loads((tmp_path / "eval.json").read_text())
     assert written["test"] == test and written["model"]["family"] == spec.family
@@ -127,15 +129,44 @@ def test_short_context_of_a_sectional_model_is_padded_without_changing_its_logit
             torch.testing.assert_close(logits, full[:, 4])
 
 
-def test_generation_slides_a_seq_len_window_and_decode_pays_the_full_context(checkpoints):
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_cached_generation_equals_cache_free_greedy_generation(name, checkpoints):
+    """Greedy tokens from the KV cache = argmax of full forward passes over the same context,
+    including past seq_len, where the context restarts from its newest restart_length tokens."""
+    model, spec, _ = load_checkpoint(checkpoints[name])
+    prompt = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    out = generate(model, prompt, max_new_tokens=T + 8, temperature=0.0)
+    assert out.shape == (2, 3 + T + 8) and torch.equal(out[:, :3], prompt)
+    ref, start = prompt, 0
+    with torch.no_grad():
+        while ref.shape[1] < out.shape[1]:
+            if ref.shape[1] - start > T:  # the context is full: restart it
+                start = ref.shape[1] - restart_length(T)
+            ref = torch.cat([ref, next_token_logits(model, ref[:, start:]).argmax(-1, keepdim=True)], dim=1)
+    assert start > 0 and torch.equal(out, ref)
+
+
+def test_decode_benchmark_times_one_token_cached_steps(checkpoints, monkeypatch):
     model, spec, _ = load_checkpoint(checkpoints["sectional-segment_fixed"])
-    out = generate(model, torch.tensor([[1, 2, 3]]), max_new_tokens=T + 8, temperature=0.0)
-    assert out.shape == (1, 3 + T + 8) and out[0, :3].tolist() == [1, 2, 3]
-    prefill = measure_prefill(model, batch_size=2, seconds=0.05)
+    calls: list[tuple[int, int, bool]] = []
+    forward = model.forward
+
+    def recording(ids, cache=None):
+        calls.append((ids.shape[0], ids.shape[1], cache is not None))
+        return forward(ids, cache=cache)
+
+    monkeypatch.setattr(model, "forward", recording)
     decode = measure_decode(model, batch_size=2, new_tokens=3)
-    assert prefill["batch_size"] == decode["batch_size"] == 2
-    # cache-free decode: one token per full-context pass, so it is far slower than prefill per token
-    assert decode["tokens_per_s"] < prefill["tokens_per_s"]
+    # warm-up and timed run: each a prompt prefill of seq_len - 3 tokens, then 3 one-token steps, all cached
+    assert calls == 2 * ([(2, T - 3, True)] + [(2, 1, True)] * 3)
+    assert decode["batch_size"] == 2 and decode["new_tokens"] == 3 and decode["kv_cache"] is True
+    assert decode["tokens_per_s"] == pytest.approx(2 * 3 / (3 * decode["ms_per_token"] / 1e3))
+    calls.clear()
+    prefill = measure_prefill(model, batch_size=2, seconds=0.0, min_reps=2)
+    assert calls == [(2, T, True)] * 4 and prefill["repeats"] == 2  # 2 warm-up passes, then the timed ones
+    with pytest.raises(ConfigError) as err:
+        measure_decode(model, new_tokens=T)  # the prompt would be empty
+    assert err.value.key == "bench.decode_tokens"
 
 
 def test_bad_checkpoint_paths_and_missing_data_are_config_errors(checkpoints, tmp_path, capsys):
@@ -162,6 +193,6 @@ def test_evaluate_cli_with_explicit_data(checkpoints, corpus, tmp_path):
             "prompt=the queen", "temperature=0"]
     proc = subprocess.run([sys.executable, str(REPO / "evaluate.py"), *args], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "prefill tokens/s" in proc.stdout and "decode tokens/s" in proc.stdout and "no KV cache" in proc.stdout
+    assert "prefill tokens/s" in proc.stdout and "decode tokens/s" in proc.stdout and "KV cache" in proc.stdout
     assert json.loads(out.read_text())["test"]["tokens"] == 4 * T
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cli.json"]  # no Hydra run directory or log file

@@ -17,10 +17,7 @@ def test_analytic_parameter_count_equals_the_model(family, routing, kw):
     assert param_counts(spec)["total"] == build_model(spec).num_parameters()
 
 
-@pytest.mark.parametrize("family,routing,kw", list(all_cases()))
-def test_analytic_training_flops_match_flop_counter(family, routing, kw):
-    torch.manual_seed(0)
-    spec = tiny_spec(family, routing, **kw)
+def assert_flops_match_the_counter(spec) -> None:
     B = 3
     ids = torch.randint(0, spec.vocab_size, (B, spec.seq_len))
     measured = measure_flops(build_model(spec), ids, training=True)
@@ -28,9 +25,34 @@ def test_analytic_training_flops_match_flop_counter(family, routing, kw):
     model_flops = flops_per_token(spec, training=True) * tokens
     # the flash attention backward recomputes QK^T: executed, but not model FLOPs (PaLM convention)
     recompute = attention_recompute_flops(spec) * tokens
-    # hash routing is deterministic given the ids and top-k is dropless, so the count is exact
+    # exact: every item makes K assignments whatever the router picks, and with a capacity the
+    # dropped assignments are computed and then zeroed
     assert measured == pytest.approx(model_flops + recompute, rel=1e-9)
     assert measured - recompute == pytest.approx(model_flops, rel=0.02)
+
+
+@pytest.mark.parametrize("family,routing,kw", list(all_cases()))
+def test_analytic_training_flops_match_flop_counter(family, routing, kw):
+    torch.manual_seed(0)
+    assert_flops_match_the_counter(tiny_spec(family, routing, **kw))
+
+
+@pytest.mark.parametrize("family,kw", [
+    pytest.param("moe", dict(shared_expert=True), id="moe-shared_expert"),
+    pytest.param("moe", dict(shared_expert=True, top_k=3), id="moe-shared_expert-k3"),
+    pytest.param("moe", dict(capacity_factor=0.5), id="moe-capacity0.5"),  # drops ~half: still computed, still counted
+    pytest.param("moe", dict(capacity_factor=1.25, top_k=3), id="moe-capacity1.25-k3"),
+    pytest.param("moe", dict(top_k=1), id="moe-k1"),
+    pytest.param("moe", dict(top_k=3), id="moe-k3"),
+    pytest.param("sectional", dict(top_k=1), id="sectional-k1"),
+    pytest.param("sectional", dict(top_k=2), id="sectional-k2"),
+    pytest.param("sectional", dict(top_k=1, seq_reduction=2, capacity_factor=0.5), id="sectional-k1-capacity"),
+])
+def test_routed_variants_flops_match_flop_counter(family, kw):
+    """top-k routing variants: K expert FFNs per item, the shared expert, and capacity dropping
+    (which zeroes the dropped rows' contribution after computing them)."""
+    torch.manual_seed(0)
+    assert_flops_match_the_counter(tiny_spec(family, "topk", **kw))
 
 
 def test_untied_head_counts_twice_and_embedding_lookup_is_free():

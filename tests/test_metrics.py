@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import struct
 import time
@@ -22,7 +24,7 @@ from sectional_moe.flops import flops_per_token, param_counts
 from sectional_moe.hardware import Peak, gpu_peak, lookup_gpu, peak_flops
 from sectional_moe.lit import LMModule
 from sectional_moe.spec import ModelSpec
-from sectional_moe.wandb_files import BLOCK, find_run_file, iter_raw_records, read_run, run_dirs
+from sectional_moe.wandb_files import BLOCK, find_run_file, iter_raw_records, read_run, run_dirs, wait_until_written
 
 B, T, V = 4, 32, 97  # batch, seq_len and vocabulary of every run here
 OPTIM = dict(lr=1e-3, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.1, fused=False, schedule="constant",
@@ -164,12 +166,96 @@ def test_override_wins_over_table_and_probe(tmp_path):
 
 
 def test_cpu_peak_is_probed_once_then_read_from_the_machine_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(hardware, "load_average", lambda: 0.0)  # a quiet machine, whatever this one is doing
     first = peak_flops("cpu", "32-true", cache_dir=tmp_path)
     path = hardware.probe_cache_file(tmp_path)
     assert first.source == f"cpu-probe:{path}" and path.parent == tmp_path / "hardware"
     assert first.flops_per_s > 1e8  # any CPU of this decade does > 0.1 GFLOP/s in fp32
     monkeypatch.setattr(hardware, "measure_matmul_flops", lambda *a, **k: pytest.fail("probed again"))
     assert peak_flops("cpu", "32-true", cache_dir=tmp_path) == first
+
+
+class FakeProbe:
+    """The CPU probe without timing: queued rates, and a load / core / thread count set by the test."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.rates: list[float] = []
+        self.calls, self.load, self.cores, self.threads = 0, 0.0, 4, 2
+        monkeypatch.setattr(hardware, "measure_matmul_flops", self._measure)
+        monkeypatch.setattr(hardware, "load_average", lambda: self.load)
+        monkeypatch.setattr(hardware, "usable_cores", lambda: self.cores)
+        monkeypatch.setattr(hardware.torch, "get_num_threads", lambda: self.threads)
+
+    def _measure(self, dtype: str, *args, **kwargs) -> float:
+        self.calls += 1
+        return self.rates.pop(0)
+
+    def peak(self, cache_dir: Path, precision: str = "32-true", rate: float | None = None) -> float:
+        if rate is not None:
+            self.rates.append(rate)
+        return peak_flops("cpu", precision, cache_dir=cache_dir).flops_per_s
+
+
+def test_heavy_load_means_other_work_on_the_probes_cores():
+    assert not hardware.heavy_load(None, 2, 2)  # no load average (Windows): trusted
+    assert not hardware.heavy_load(0.4, 2, 2) and hardware.heavy_load(0.6, 2, 2)
+    assert not hardware.heavy_load(1.4, 2, 1) and hardware.heavy_load(1.6, 2, 1)  # one core left idle
+    assert not hardware.heavy_load(6.0, 16, 8) and hardware.heavy_load(9.0, 16, 8)
+
+
+def test_cpu_probe_cache_is_trusted_only_when_quiet_and_at_the_same_thread_count(tmp_path, monkeypatch, caplog):
+    probe = FakeProbe(monkeypatch)
+    path = hardware.probe_cache_file(tmp_path)
+    entries = lambda: json.loads(path.read_text())["probes"]  # noqa: E731
+
+    # quiet (load 1.0 on 4 cores, 2 threads): probed once, recorded with its load and threads, then reused
+    probe.load = 1.0
+    with caplog.at_level(logging.INFO, logger="sectional_moe.hardware"):
+        assert probe.peak(tmp_path, rate=100e9) == 100e9
+    assert "CPU peak probe: 100.0 GFLOP/s fp32" in caplog.text and "WARNING" not in caplog.text.upper()
+    e = entries()["fp32@2threads"]
+    assert (e["threads"], e["cores"], e["loadavg_1m"], e["under_load"]) == (2, 4, 1.0, False)
+    assert probe.peak(tmp_path) == 100e9 and probe.calls == 1
+
+    # another thread count is another entry, probed once
+    probe.threads, probe.load = 4, 0.2
+    assert probe.peak(tmp_path, rate=180e9) == 180e9 and probe.calls == 2
+    assert probe.peak(tmp_path) == 180e9 and probe.calls == 2
+    e["threads"] = 4  # an entry whose recorded thread count disagrees with its key is not trusted either
+    cache = json.loads(path.read_text())
+    cache["probes"]["fp32@2threads"] = e
+    path.write_text(json.dumps(cache))
+    probe.threads = 2
+    assert probe.peak(tmp_path, rate=90e9) == 90e9 and probe.calls == 3  # not comparable: replaced
+
+    # under load (3.5 > the 2 idle cores + slack): the probe is used now, stored untrusted, warned about
+    probe.load = 3.5
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="sectional_moe.hardware"):
+        assert probe.peak(tmp_path, "bf16-mixed", rate=50e9) == 50e9
+    assert any(r.levelno == logging.WARNING and "busy" in r.getMessage() for r in caplog.records)
+    assert entries()["bf16@2threads"]["under_load"] is True and entries()["bf16@2threads"]["loadavg_1m"] == 3.5
+    # ... so every later run probes again, keeping the best rate (a peak is only ever under-measured)
+    assert probe.peak(tmp_path, "bf16-mixed", rate=40e9) == 50e9 and probe.calls == 5
+    probe.load = 0.5
+    assert probe.peak(tmp_path, "bf16-mixed", rate=120e9) == 120e9 and probe.calls == 6
+    assert entries()["bf16@2threads"]["under_load"] is False
+    assert probe.peak(tmp_path, "bf16-mixed") == 120e9 and probe.calls == 6  # quiet now: trusted
+    probe.load = 9.0
+    assert probe.peak(tmp_path, "bf16-mixed") == 120e9 and probe.calls == 6  # a trusted entry survives later load
+
+
+def test_cpu_probe_entries_of_the_old_format_are_probed_again(tmp_path, monkeypatch):
+    """Entries without a recorded load (the 0.25 s probe that once gave an MFU of ~0.9) are not trusted."""
+    probe = FakeProbe(monkeypatch)
+    path = hardware.probe_cache_file(tmp_path)
+    path.parent.mkdir(parents=True)
+    old = {"flops_per_s": 3e9, "shape": [512, 512, 512], "torch": "2.5", "measured_at": "2025-01-01T00:00:00"}
+    path.write_text(json.dumps({"probes": {"fp32@2threads": old}, "cpu_model": "x", "hostname": "h"}))
+    assert probe.peak(tmp_path, rate=80e9) == 80e9 and probe.calls == 1
+    assert probe.peak(tmp_path) == 80e9 and probe.calls == 1
+    path.write_text("{not json")  # a corrupt cache is re-measured
+    assert probe.peak(tmp_path, rate=70e9) == 70e9 and probe.calls == 2
 
 
 # ---------------------------------------------------------------------------------------------- throughput
@@ -258,20 +344,77 @@ def test_default_callbacks_config_builds_the_metrics_callbacks(compose, tmp_path
     assert callbacks[SpeedMonitor].peak_tflops == 12.5 and callbacks[SpeedMonitor].cache_dir == str(tmp_path)
 
 
+# ---------------------------------------------------------------------------------------------- expert load
+def _load_keys(rows: list[dict[str, Any]]) -> set[str]:
+    return {k for r in rows for k in r if k.startswith("moe/") and k not in ("moe/lb_loss", "moe/z_loss")}
+
+
+def test_expert_load_is_logged_per_layer_with_fractions_under_the_cap(tmp_path, caplog):
+    module = tiny_module("moe", "topk", max_steps=6)  # 2 routed layers x 4 experts = 8 fraction keys
+    capture = CaptureLogger()
+    fit(module, [ExpertLoadMonitor()], root=tmp_path, max_steps=6, log_every=3, val_every=6, loggers=[capture])
+    keys = _load_keys(capture.rows)
+    per_layer = {f"moe/layer{i}/{k}" for i in (0, 1) for k in ("load_max_over_mean", "load_cv", "dead_experts")}
+    fracs = {f"moe/layer{i}/frac_e{e}" for i in (0, 1) for e in range(4)}
+    summary = {"moe/load_max_over_mean", "moe/load_cv", "moe/dead_experts", *(f"moe/expert{e}/frac" for e in range(4))}
+    assert keys == per_layer | fracs | summary
+    layer_rows = [r for r in capture.rows if "moe/layer0/load_cv" in r]
+    assert [r["step"] for r in layer_rows] == [2, 5]  # log steps only
+    for row in layer_rows:
+        for i in (0, 1):  # fractions of one layer's assignments sum to 1; max/mean is max(frac) * E
+            frac = [row[f"moe/layer{i}/frac_e{e}"] for e in range(4)]
+            assert sum(frac) == pytest.approx(1.0)
+            assert row[f"moe/layer{i}/load_max_over_mean"] == pytest.approx(4 * max(frac), rel=1e-5)
+            assert row[f"moe/layer{i}/dead_experts"] == sum(f == 0 for f in frac)
+    assert "not logged" not in caplog.text
+
+
+def test_expert_load_key_count_is_bounded_whatever_the_number_of_experts(tmp_path, caplog):
+    """Above the cap only the summary statistics are logged, and the run says so once."""
+    from sectional_moe.callbacks.expert_load import layer_metrics, summary_metrics
+
+    L, E = 6, 32  # 192 > 64 layer x expert fractions
+    window = [torch.rand(E) * 10 for _ in range(L)]
+    window[0][3] = 0.0
+    monitor = ExpertLoadMonitor(max_expert_keys=16, max_layer_frac_keys=64)
+    monitor._window = window
+    assert not monitor.layer_fractions
+    summary, layers = summary_metrics(window, 16), layer_metrics(list(range(L)), window, monitor.layer_fractions)
+    assert len(summary) == 3 + 16 and len(layers) == 3 * L
+    assert layers["moe/layer0/dead_experts"] == 1.0 and summary["moe/dead_experts"].item() == 1.0
+    assert not any("frac_e" in k for k in layers)
+    with_fracs = layer_metrics(list(range(2)), window[:2], True)
+    assert len(with_fracs) == 2 * (3 + E)  # under a larger cap: every fraction of every layer
+
+    # a real run with more layer x experts than the cap: summary keys only, one info line
+    module = tiny_module("moe", "topk", max_steps=6)
+    capture = CaptureLogger()
+    with caplog.at_level(logging.INFO, logger="sectional_moe.callbacks.expert_load"):
+        fit(module, [ExpertLoadMonitor(max_expert_keys=2, max_layer_frac_keys=7)], root=tmp_path, max_steps=6,
+            log_every=2, val_every=6, loggers=[capture])
+    keys = _load_keys(capture.rows)
+    assert not any("frac_e" in k for k in keys) and len(keys) == 3 + 2 + 3 * 2
+    assert sum("max_layer_frac_keys=7" in r.getMessage() for r in caplog.records) == 1  # said once, 3 log steps
+    assert json.loads((tmp_path / "expert_load.json").read_text()).keys() == {"layer0", "layer1"}  # all in the file
+
+
 # ---------------------------------------------------------------------------------------------- W&B
 def test_offline_wandb_run_file_holds_the_summary_keys(tmp_path, monkeypatch):
     import wandb
     from lightning.pytorch.loggers import WandbLogger
 
     monkeypatch.setenv("WANDB_MODE", "offline")
+    wandb.finish()  # a run another in-process test left open would be reused by WandbLogger (pitfall P2)
     module = tiny_module("moe", "topk", max_steps=8)
     logger = WandbLogger(project="sectional-moe-test", save_dir=str(tmp_path), mode="offline")
     summary = WandbSummary()
     try:
         fit(module, [SpeedMonitor(cache_dir=str(tmp_path)), MemoryMonitor(), ExpertLoadMonitor(), summary],
             root=tmp_path, max_steps=8, log_every=2, val_every=4, loggers=[logger], test=True)
+        run_file = logger.experiment.settings.sync_file
     finally:
         wandb.finish()
+    assert wait_until_written(run_file)  # wandb-core may still be writing when finish() returns
     (run_dir,) = run_dirs(tmp_path)
     run = read_run(run_dir)
     s = run["summary"]
@@ -349,3 +492,22 @@ def test_run_file_reader_reassembles_records_spanning_blocks(tmp_path):
     assert read_run(path)["summary"] == {f"k{i}": "x" * (50_000 * i) for i in range(3)}
     path.write_bytes(_frame(records)[:-10])  # a killed run: the last record is cut short
     assert len(list(iter_raw_records(path))) == 2
+
+
+def test_a_run_file_counts_as_written_only_once_it_holds_its_exit_record(tmp_path):
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    from sectional_moe.wandb_files import has_exit_record
+
+    summary = pb.Record()
+    summary.summary.update.add(key="k", value_json="1")
+    exit_rec = pb.Record()
+    exit_rec.exit.exit_code = 0
+    path = tmp_path / "run-x.wandb"
+    assert not has_exit_record(path)  # not created yet
+    path.write_bytes(_frame([]))  # the 7-byte header wandb-core writes first
+    assert not has_exit_record(path) and not wait_until_written(path, timeout_s=0.2)
+    path.write_bytes(_frame([summary.SerializeToString()]))
+    assert not has_exit_record(path)
+    path.write_bytes(_frame([summary.SerializeToString(), exit_rec.SerializeToString()]))
+    assert has_exit_record(path) and wait_until_written(path, timeout_s=0.2)

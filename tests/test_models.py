@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from sectional_moe.models import ModelSpec, build_model
-from sectional_moe.models.blocks import Rope, TransformerBlock
+from sectional_moe.models.blocks import Rope, TransformerBlock, rms_norm
 from sectional_moe.models.routing import ExpertFFN, expert_counts, hash_table, load_balance_loss, route_topk
-from sectional_moe.models.sectional import SectionAttention, SectionalMoEBlock
+from sectional_moe.models.sectional import SectionalMoEBlock, SectionAttention, SectionExperts
 from tests import reference_experts as ref
 
 FAMILY_ROUTING = [
@@ -276,6 +276,100 @@ def test_hash_table_survives_checkpoint_restore(family):
         assert not torch.equal(before[name], dict(other.named_buffers())[name])
 
 
+def _per_slice_routed_ffn(experts, s: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Plain loop reference of SectionExperts' routed FFN: for every token (b, t) and section e, the
+    slice s[b, t, e*S:(e+1)*S] is normed with section e's norm weight and sent to its experts, chosen
+    by the shared router (softmax, top k, renormalised for k > 1) or by the hash table at
+    (token id, section); the output slice is the weighted sum of their FFNs."""
+    B, T, D = s.shape
+    E, S, ffn = experts.E, D // experts.E, experts.ffn
+    out = torch.zeros_like(s)
+    for b in range(B):
+        for t in range(T):
+            for e in range(E):
+                h = rms_norm(s[b, t, e * S : (e + 1) * S], experts.ffn_norm[e, 0], experts.eps)  # (S,)
+                if experts.routing == "topk":
+                    probs = torch.softmax(experts.router.weight @ h, dim=-1)  # (E,)
+                    top, chosen = probs.topk(experts.top_k)
+                    weights = top / top.sum() if experts.top_k > 1 else top
+                else:
+                    chosen, weights = experts.table[ids[b, t], e].view(1), torch.ones(1)
+                for w, x in zip(weights, chosen):
+                    out[b, t, e * S : (e + 1) * S] += w * ref.expert_ffn(ffn.w13[x], ffn.w2[x], h)
+    return out
+
+
+@pytest.mark.parametrize("routing,k", [("topk", 1), ("topk", 2), ("topk", 3), ("hash", 1)])
+@pytest.mark.parametrize("expert_attention", [False, True])
+def test_routed_section_experts_equal_a_per_slice_loop(routing, k, expert_attention):
+    """The full routed path (section-major reshape, routing or table lookup per (token id, section),
+    grouped GEMM dispatch, weighted sum, back to (B, T, D)) against one slice at a time."""
+    torch.manual_seed(k)
+    spec = tiny_spec("sectional", routing, top_k=k, seq_reduction=2, expert_attention=expert_attention)
+    experts = SectionExperts(spec, layer=0, rope_stride=2)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.normal_(std=0.5 if p.dim() == 3 and p.shape[1] == 1 else 0.3)  # random norms, a decisive router
+    B, T = 2, 6
+    s, ids = torch.randn(B, T, spec.d_model), torch.randint(0, spec.vocab_size, (B, T))
+    rope = Rope({spec.section_head_dim}, spec.seq_len)
+    got, aux = experts(s, ids, rope)
+    expected = torch.zeros_like(s)
+    with torch.no_grad():
+        x = s
+        if expert_attention:  # the attention part by its own loop reference, token by token back to (B, T, D)
+            x_ENS = torch.stack([s[:, :, e * spec.section_dim : (e + 1) * spec.section_dim].reshape(B * T, -1) for e in range(4)])
+            x_ENS = rms_norm(x_ENS, experts.attn_norm, experts.eps)
+            attn = ref.section_attention(experts.attn, x_ENS, B, T, rope, 2)  # (E, B*T, S)
+            expected = torch.cat([attn[e].view(B, T, -1) for e in range(4)], dim=-1)
+            x = s + expected
+        expected = expected + _per_slice_routed_ffn(experts, x, ids)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert (aux["counts"] > 0).sum() >= 2 and aux["counts"].sum() == B * T * 4 * k  # really routed, K per slice
+
+
+@pytest.mark.parametrize("family", ["moe", "sectional"])
+def test_hash_tables_survive_a_lightning_checkpoint(family, tmp_path):
+    """Tables saved by a Trainer come back from the checkpoint, not from the seed of whoever loads it."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    from sectional_moe.lit import LMModule
+
+    optim = dict(lr=1e-3, betas=[0.9, 0.95], eps=1e-8, weight_decay=0.1, fused=False, schedule="constant",
+                 warmup_steps=1, min_lr_ratio=0.1)
+    spec = tiny_spec(family, "hash", hash_seed=11)
+    data = torch.randint(0, spec.vocab_size, (8, spec.seq_len + 1), generator=torch.Generator().manual_seed(0))
+
+    def trainer(max_steps: int) -> pl.Trainer:
+        return pl.Trainer(accelerator="cpu", max_steps=max_steps, max_epochs=-1, logger=False, enable_checkpointing=False,
+                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+
+    torch.manual_seed(0)
+    module = LMModule(spec.to_dict(), optim, 2)
+    fitted = trainer(2)
+    fitted.fit(module, DataLoader(data, batch_size=4))
+    ckpt = tmp_path / "hash.ckpt"
+    fitted.save_checkpoint(ckpt)
+    tables = {n: b.clone() for n, b in module.model.named_buffers() if n.endswith("table")}
+    assert len(tables) == spec.n_layers  # one table per routed layer (every layer here)
+    saved = torch.load(ckpt, weights_only=True)["state_dict"]
+    assert all(torch.equal(saved[f"model.{n}"], t) for n, t in tables.items())
+
+    other = tiny_spec(family, "hash", hash_seed=99).to_dict()  # fresh modules draw different tables
+    fresh = LMModule(other, optim, 3)
+    assert all(not torch.equal(dict(fresh.model.named_buffers())[n], t) for n, t in tables.items())
+    trainer(3).fit(fresh, DataLoader(data, batch_size=4), ckpt_path=ckpt)  # resume: one more step
+    loaded = LMModule.load_from_checkpoint(ckpt, spec=other, weights_only=True)  # explicit spec, other seed
+    for restored in (fresh, loaded):
+        buffers = dict(restored.model.named_buffers())
+        for name, table in tables.items():
+            assert torch.equal(buffers[name], table), name
+    ids = data[:2, :-1]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(ids)[0], module.eval()(ids)[0])
+
+
 def test_bf16_autocast_forward_backward_on_cpu():
     torch.manual_seed(0)
     for family, routing in FAMILY_ROUTING:
@@ -287,3 +381,96 @@ def test_bf16_autocast_forward_backward_on_cpu():
         assert logits.dtype == torch.bfloat16
         logits.float().logsumexp(-1).mean().backward()
         assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+# ---------------------------------------------------------------------------------------------- KV-cached decoding
+def decode_cases():
+    """Every family x routing; for the sectional family r in {1, 2, E}, expert attention on/off,
+    mean/linear pooling (r > 1) and sectional_every 1/2, plus pre_expert off and merge_proj."""
+    yield pytest.param("dense", None, {}, id="dense")
+    for routing, kw in (("topk", {}), ("topk", dict(top_k=1)), ("topk", dict(top_k=3, shared_expert=True)), ("hash", {})):
+        yield pytest.param("moe", routing, kw, id=f"moe-{routing}-{'-'.join(f'{k}{v}' for k, v in kw.items()) or 'default'}")
+    for routing in ("segment_fixed", "topk", "hash"):
+        for r in (1, 2, 4):  # E = 4
+            for pool in (("mean",) if r == 1 else ("mean", "linear")):
+                for attn in (True, False):
+                    for every in (1, 2):
+                        kw = dict(seq_reduction=r, seq_pool=pool, expert_attention=attn, sectional_every=every)
+                        yield pytest.param("sectional", routing, kw, id=f"sectional-{routing}-r{r}-{pool}-attn{int(attn)}-every{every}")
+        yield pytest.param("sectional", routing, dict(seq_reduction=2, pre_expert=False, merge_proj=True), id=f"sectional-{routing}-nopre-merge")
+        yield pytest.param("sectional", routing, dict(experts=8, seq_reduction=8, top_k=1), id=f"sectional-{routing}-E8-r8")
+
+
+def _cached_logits(model, ids: torch.Tensor, chunks: list[int]) -> torch.Tensor:
+    """Logits of ids (B, T) fed through one cache in chunks of the given sizes, then one token at a time."""
+    cache = model.init_cache()
+    outs, pos = [], 0
+    for n in chunks + [1] * (ids.shape[1] - sum(chunks)):
+        outs.append(model(ids[:, pos : pos + n], cache=cache)[0])
+        pos += n
+    assert cache.pos == ids.shape[1]
+    return torch.cat(outs, dim=1)
+
+
+@pytest.mark.parametrize("family,routing,kw", list(decode_cases()))
+def test_cached_decoding_equals_the_full_forward_at_every_position(family, routing, kw):
+    torch.manual_seed(0)
+    # a larger init than training's so every block moves the logits well above the tolerance
+    spec = tiny_spec(family, routing, init_std=0.1, **kw)
+    model = build_model(spec).eval()
+    ids = torch.randint(0, spec.vocab_size, (2, spec.seq_len))
+    with torch.no_grad():
+        full, _ = model(ids)
+        # prefill 3 tokens (not a multiple of r), then single steps; and a chunked schedule
+        # whose chunk borders fall inside and on short-position groups
+        for chunks in ([3], [1, 6, 2, 9]):
+            torch.testing.assert_close(_cached_logits(model, ids, chunks), full, atol=1e-5, rtol=1e-5)
+        # the check has teeth: every sectional block's delta matters at this tolerance
+        if family == "sectional":
+            for block in model.blocks:
+                if isinstance(block, SectionalMoEBlock):
+                    with torch.no_grad():
+                        saved = {n: p.clone() for n, p in block.experts.named_parameters()}
+                        for p in block.experts.parameters():
+                            p.mul_(1.01)
+                        assert (model(ids)[0] - full).abs().max().item() > 1e-4
+                        for n, p in block.experts.named_parameters():
+                            p.copy_(saved[n])
+
+
+def test_sectional_decode_state_advances_one_short_position_per_r_tokens():
+    """After t tokens the short caches hold ceil(t / r) positions and the tail the last r-1 inputs."""
+    torch.manual_seed(0)
+    spec = tiny_spec("sectional", "hash", n_layers=1, seq_reduction=4, init_std=0.1)
+    model = build_model(spec).eval()
+    ids = torch.randint(0, spec.vocab_size, (1, spec.seq_len))
+    with torch.no_grad():
+        full, _ = model(ids)
+        cache = model.init_cache()
+        model(ids[:, :9], cache=cache)  # positions 0..8: short positions 0, 1, 2 done, the tail holds 6..8
+        block_cache = cache.layers[0]
+        assert block_cache.pre.length == block_cache.experts.length == 3 and block_cache.length == 9
+        x = model.embed(ids)
+        torch.testing.assert_close(block_cache.tail, x[:, 6:9])
+        # positions 9..11 only add the stored delta of short position 2: no new short position
+        model(ids[:, 9:12], cache=cache)
+        assert block_cache.pre.length == 3
+        step = model(ids[:, 12:13], cache=cache)[0]  # 12 % 4 == 0: short position 3 completes
+        assert block_cache.pre.length == 4
+        torch.testing.assert_close(step, full[:, 12:13], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(block_cache.tail, x[:, 10:13])
+
+
+def test_cache_refuses_more_positions_than_it_holds():
+    spec = tiny_spec("sectional", "segment_fixed")
+    model = build_model(spec).eval()
+    ids = torch.zeros(1, spec.seq_len, dtype=torch.long)
+    with torch.no_grad():
+        cache = model.init_cache(8)
+        model(ids[:, :8], cache=cache)
+        with pytest.raises(ValueError, match="max_len"):
+            model(ids[:, :1], cache=cache)
+        cache.reset()
+        torch.testing.assert_close(model(ids[:, :8], cache=cache)[0], model(ids[:, :8])[0], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="seq_len"):
+        model.init_cache(spec.seq_len + 1)

@@ -14,6 +14,7 @@ import csv
 import json
 import math
 import os
+import random
 import re
 import signal
 import subprocess
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 
@@ -46,6 +48,40 @@ class FailOnce(pl.Callback):
         if pl_module.spec.experts == self.experts and self.marker.exists():
             self.marker.unlink()
             raise RuntimeError("injected crash in one sweep job")
+
+
+class RaiseOOM(pl.Callback):
+    """Raise the error a too-large job dies of on a GPU, in the job with ``experts``."""
+
+    def __init__(self, experts: int):
+        self.experts = experts
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if pl_module.spec.experts == self.experts:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+
+
+class RngProbe(pl.Callback):
+    """Log one draw of each global RNG (torch, numpy, Python) per training step.
+
+    Drawn at batch *end*, after LMModule restored a resumed checkpoint's RNG state at batch start:
+    a resumed run must log the very values an uninterrupted run logs.
+    """
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        pl_module.log_dict({"rng/torch": float(torch.rand(())), "rng/numpy": float(np.random.rand()),
+                            "rng/python": random.random()})
+
+
+class SignalAt(pl.Callback):
+    """Send this process ``signum`` at the start of optimiser step ``step`` (a SLURM warning, say)."""
+
+    def __init__(self, step: int, signum: int = int(signal.SIGUSR2)):
+        self.step, self.signum = step, signum
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
 
 
 class PoisonGrad(pl.Callback):
@@ -145,7 +181,7 @@ def _finite_weights(ckpt: Path) -> tuple[int, bool]:
 @pytest.fixture
 def wandb_exit_codes(monkeypatch):
     codes: list[int] = []
-    monkeypatch.setattr(train_mod, "_finish_wandb", lambda exit_code=0: codes.append(exit_code))
+    monkeypatch.setattr(train_mod, "_finish_wandb", lambda exit_code=0, **kw: codes.append(exit_code))
     return codes
 
 
@@ -231,6 +267,141 @@ def test_finish_wandb_marks_failed(monkeypatch):
     assert calls == [1]
 
 
+class FakeWandb:
+    """Stands in for the ``wandb`` module: records how the run was closed."""
+
+    def __init__(self, can_mark_preempting: bool = True):
+        self.calls: list[tuple] = []
+        self.run = type("Run", (), {})()
+        if can_mark_preempting:
+            self.run.mark_preempting = lambda: self.calls.append(("mark_preempting",))
+
+    def finish(self, exit_code=0):
+        self.calls.append(("finish", exit_code))
+
+
+@pytest.mark.parametrize("can_mark", [True, False], ids=["mark_preempting", "older-wandb"])
+def test_finish_wandb_preempting_is_not_failed(monkeypatch, can_mark):
+    fake = FakeWandb(can_mark)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    train_mod._finish_wandb(exit_code=1, preempting=True)
+    assert fake.calls == ([("mark_preempting",)] if can_mark else []) + [("finish", 0)]
+
+
+def test_preempted_run_is_requeued_not_failed(compose, tmp_path, monkeypatch):
+    """A real PreemptionCheckpoint: SIGUSR2 at step 3 -> last.ckpt at step 4 -> SystemExit(EXIT_PREEMPTED);
+    main() then closes W&B as preempting (not failed) and the status says requeued."""
+    from sectional_moe.slurm import EXIT_PREEMPTED
+
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    cfg = compose(*NAN_RUN, "+callbacks.preempt._target_=sectional_moe.slurm.PreemptionCheckpoint",
+                  "+callbacks.signal._target_=tests.test_reliability.SignalAt", "+callbacks.signal.step=3")
+    previous = signal.getsignal(signal.SIGUSR2)
+    try:
+        with pytest.raises(SystemExit) as exc:
+            train_mod.main(cfg)
+    finally:  # the callback's teardown does not run when training is interrupted
+        signal.signal(signal.SIGUSR2, previous)
+    assert exc.value.code == EXIT_PREEMPTED
+    assert fake.calls == [("mark_preempting",), ("finish", 0)]
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["state"] == "requeued" and "at step 4" in status["error"], status  # the callback's message, kept
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+
+
+def test_preemption_exit_without_callback_status_still_requeued(compose, tmp_path, monkeypatch):
+    from sectional_moe.slurm import EXIT_PREEMPTED
+
+    def preempted(cfg):
+        raise SystemExit(EXIT_PREEMPTED)
+
+    monkeypatch.setattr(train_mod, "train", preempted)
+    fake = FakeWandb()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    with pytest.raises(SystemExit):
+        train_mod.main(compose())
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "requeued"
+    assert fake.calls[-1] == ("finish", 0)
+
+
+# ================================================================== status files
+def test_status_is_written_by_rank_zero_only(compose, tmp_path, monkeypatch, capsys, wandb_exit_codes):
+    from sectional_moe.sweeps import write_status
+
+    monkeypatch.setenv("RANK", "1")
+    write_status(tmp_path / "r1", "running")
+    assert not (tmp_path / "r1").exists()
+    with pytest.raises(SystemExit):  # a config error, as every rank of a DDP job meets it
+        train_mod.main(compose("experts=3"))
+    assert "error: experts:" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "status.json").exists()
+    monkeypatch.setenv("RANK", "0")
+    write_status(tmp_path / "r0", "failed", "boom")
+    assert json.loads((tmp_path / "r0" / "status.json").read_text())["error"] == "boom"
+
+
+def _hammer_status(run_dir: str, n: int) -> None:
+    from sectional_moe.sweeps import write_status
+
+    for i in range(n):
+        write_status(Path(run_dir), "running" if i % 2 else "failed", f"writer {os.getpid()}")
+
+
+def test_concurrent_status_writers_never_collide(tmp_path):
+    """Two processes (two ranks, or an old and a requeued attempt) writing one status.json: with a
+    shared temp file one would rename the other's away and crash with FileNotFoundError."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    procs = [ctx.Process(target=_hammer_status, args=(str(tmp_path), 400)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert json.loads((tmp_path / "status.json").read_text())["state"] in ("running", "failed")
+    assert [p.name for p in tmp_path.iterdir()] == ["status.json"]  # no temp file left behind
+
+
+def test_status_error_is_redacted(tmp_path, monkeypatch):
+    from sectional_moe.sweeps import write_status
+
+    monkeypatch.setenv("MY_SERVICE_TOKEN", SECRETS["MY_SERVICE_TOKEN"])
+    write_status(tmp_path, "failed", f"bad value {SECRETS['MY_SERVICE_TOKEN']}", traceback=f"... {SECRETS['MY_SERVICE_TOKEN']}")
+    assert SECRETS["MY_SERVICE_TOKEN"] not in (tmp_path / "status.json").read_text()
+
+
+# ================================================================== RNG state in checkpoints
+def _draws() -> tuple:
+    return torch.rand(4).tolist(), np.random.rand(4).tolist(), [random.random() for _ in range(4)], np.random.randn()
+
+
+def test_rng_states_round_trip_through_a_weights_only_checkpoint(compose, tmp_path):
+    from sectional_moe.lit import RNG_KEY
+    from sectional_moe.spec import spec_from_config
+
+    cfg = compose()
+    module = LMModule(spec_from_config(cfg).to_dict(), dict(cfg.optim), 10)
+    pl.seed_everything(123)
+    np.random.randn()  # leaves a cached Gaussian in numpy's state: it must survive too
+    ckpt = {}
+    module.on_save_checkpoint(ckpt)
+    expected = _draws()
+    atomic_save({"state_dict": {}, **ckpt}, tmp_path / "last.ckpt")
+
+    loaded = torch.load(tmp_path / "last.ckpt", weights_only=True)  # plain tensors and lists only
+    assert len(loaded[RNG_KEY]) == 1  # one state per rank
+    pl.seed_everything(7)  # a fresh process would be seeded like this
+    resumed = LMModule(spec_from_config(cfg).to_dict(), dict(cfg.optim), 10)
+    resumed.on_load_checkpoint(loaded)
+    torch.rand(3)  # what Lightning draws between the load and the first batch (the loader's seed)
+    resumed.on_train_batch_start(None, 0)
+    assert _draws() == expected
+    resumed.on_train_batch_start(None, 1)  # applied once, not at every batch
+    assert _draws() != expected
+
+
 # ================================================================== kill -9 and resume (subprocesses)
 SECRETS = {"WANDB_API_KEY": "fakekey-0123456789abcdef0123456789abcdef", "MY_SERVICE_TOKEN": "tok-SECRET-5f3a9c2e7d",
            "DB_PASSWORD": "hunter2-but-longer"}
@@ -256,10 +427,18 @@ def _max_logged_step(run: Path) -> int:
         return -1
 
 
+def _state_dicts_equal(a: Path, b: Path, key: str = "state_dict") -> list[str]:
+    """Names whose tensors differ (not bit-identical) between two checkpoints' ``key`` dicts."""
+    sa, sb = torch.load(a, weights_only=True)[key], torch.load(b, weights_only=True)[key]
+    assert sa.keys() == sb.keys()
+    return [k for k in sa if not torch.equal(sa[k], sb[k])]
+
+
 def test_kill_9_then_same_command_continues_the_exact_loss_curve(tmp_path):
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "run"
-    cmd = [sys.executable, str(REPO / "train.py"), *KILL_RUN, "logger=csv", f"hydra.run.dir={run_dir}"]
-    ref_cmd = [sys.executable, str(REPO / "train.py"), *KILL_RUN, "logger=[csv,wandb]", "logger.wandb.mode=offline",
+    probe = "+callbacks.rng_probe._target_=tests.test_reliability.RngProbe"  # RNG streams must continue too
+    cmd = [sys.executable, str(REPO / "train.py"), *KILL_RUN, probe, "logger=csv", f"hydra.run.dir={run_dir}"]
+    ref_cmd = [sys.executable, str(REPO / "train.py"), *KILL_RUN, probe, "logger=[csv,wandb]", "logger.wandb.mode=offline",
                "+notes=${oc.env:MY_SERVICE_TOKEN}", f"hydra.run.dir={ref_dir}"]
     ref = subprocess.Popen(ref_cmd, cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     victim = subprocess.Popen(cmd, cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -299,7 +478,15 @@ def test_kill_9_then_same_command_continues_the_exact_loss_curve(tmp_path):
     assert [s for s, _ in reference] == list(range(20))
     assert resumed == reference  # every step once, bit-identical losses across the kill
     assert _curve(run_dir, "val/loss") == _curve(ref_dir, "val/loss")
+    for rng in ("rng/torch", "rng/numpy", "rng/python"):  # restored from the checkpoint, not re-seeded
+        assert _curve(run_dir, rng) == _curve(ref_dir, rng), rng
     assert json.loads((run_dir / "status.json").read_text())["attempt"] == 2
+    # the same final model, bit for bit (and the same AdamW moments), as the uninterrupted run
+    last, ref_last = run_dir / "checkpoints" / "last.ckpt", ref_dir / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == torch.load(ref_last, weights_only=True)["global_step"] == 20
+    assert _state_dicts_equal(last, ref_last) == []
+    opt, ref_opt = (torch.load(p, weights_only=True)["optimizer_states"][0]["state"] for p in (last, ref_last))
+    assert opt.keys() == ref_opt.keys() and all(torch.equal(opt[i][k], ref_opt[i][k]) for i in opt for k in opt[i])
 
     # ---- secret hygiene, on the same runs: nothing anywhere in the run directories
     hits = [(p, name) for d in (ref_dir, run_dir) for p in d.rglob("*") if p.is_file()
@@ -320,21 +507,23 @@ def test_multirun_isolates_failures_and_reruns_only_unfinished_jobs(tmp_path):
 
     marker = tmp_path / "crash-once"
     marker.touch()
-    args = ["-m", "experts=1,2,3", "size=nano", "data.vocab_size=512", "data.batch_size=8", "trainer=cpu",
+    args = ["-m", "experts=1,2,3,4", "size=nano", "data.vocab_size=512", "data.batch_size=8", "trainer=cpu",
             "trainer.max_steps=4", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
             "trainer.limit_test_batches=1", "optim.warmup_steps=1", "logger=csv", "trainer.enable_progress_bar=false",
             "group=isolation", f"paths.log_dir={tmp_path / 'out'}",
             "+callbacks.flaky._target_=tests.test_reliability.FailOnce", "+callbacks.flaky.experts=2",
-            f"+callbacks.flaky.marker={marker}"]
+            f"+callbacks.flaky.marker={marker}",
+            "+callbacks.oom._target_=tests.test_reliability.RaiseOOM", "+callbacks.oom.experts=4"]
     env = {**SECRETS, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
     first = run_train_cli(*args, cwd=tmp_path, env=env, timeout=500)
     assert first.returncode == 1, first.stderr[-3000:]
     table = first.stdout[first.stdout.index("sweep summary"):]
     rows = _summary_states(table)
-    assert rows == {"1": "done", "2": "failed", "3": "failed"}, table
+    assert rows == {"1": "done", "2": "failed", "3": "failed", "4": "failed"}, table
     assert "RuntimeError: injected crash in one sweep job" in table
     assert "experts: d_model=64 is not divisible by experts=3" in table
-    assert "2 of 3 jobs did not finish" in first.stderr
+    assert "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB" in table
+    assert "3 of 4 jobs did not finish" in first.stderr
 
     sweep = tmp_path / "out" / "train" / "multirun" / "isolation"
     job = {r["job"].split()[0][-1]: Path(r["dir"]) for r in json.loads((sweep / "summary.json").read_text())}
@@ -344,12 +533,38 @@ def test_multirun_isolates_failures_and_reruns_only_unfinished_jobs(tmp_path):
     assert second.returncode == 1, second.stderr[-3000:]  # experts=3 is still misconfigured
     table = second.stdout[second.stdout.index("sweep summary"):]
     rows = _summary_states(table)
-    assert rows == {"1": "done", "2": "done", "3": "failed"}, table
+    assert rows == {"1": "done", "2": "done", "3": "failed", "4": "failed"}, table
     assert (job["1"] / "DONE").stat().st_mtime_ns == done_before  # not re-run
-    status = {e: json.loads((job[e] / "status.json").read_text()) for e in "123"}
+    status = {e: json.loads((job[e] / "status.json").read_text()) for e in "1234"}
     assert status["1"]["attempt"] == 1 and status["2"]["attempt"] == 2  # 1 skipped, 2 trained again
     assert status["3"]["state"] == "failed" and status["3"]["error"].startswith("experts: ")  # refused before training
+    assert status["4"]["state"] == "failed" and status["4"]["error"].startswith("OutOfMemoryError: ")
     assert json.loads((sweep / "summary.json").read_text())[1]["state"] == "done"
+
+
+def test_multirun_summary_and_saved_configs_never_hold_a_secret(tmp_path):
+    """A secret in the overrides, both as ${oc.env:...} and pasted literally, in a sweep whose jobs
+    fail validation (so they stop before the usual scrub point): nothing in the sweep directory,
+    the summary or the console holds it, and the jobs are still matched to their directories."""
+    from tests.conftest import run_train_cli
+
+    env = {**SECRETS, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
+    args = ["-m", "experts=3,5", "+notes=${oc.env:MY_SERVICE_TOKEN}", f"+pasted={SECRETS['DB_PASSWORD']}", "size=nano",
+            "logger=none", "group=secrets", f"paths.log_dir={tmp_path / 'out'}"]
+    proc = run_train_cli(*args, cwd=tmp_path, env=env, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    table = proc.stdout[proc.stdout.index("sweep summary"):]
+    assert re.findall(r"\s{2,}(failed|done|not started|unfinished)\s", table) == ["failed", "failed"], table
+    assert "d_model=64 is not divisible by experts=3" in table and "experts=5" in table
+    # Hydra itself echoes the literal command line when it launches the jobs; the resolved value never appears
+    assert SECRETS["MY_SERVICE_TOKEN"] not in proc.stdout + proc.stderr
+    assert SECRETS["DB_PASSWORD"] not in table
+    sweep = tmp_path / "out" / "train" / "multirun" / "secrets"
+    files = [p for p in sweep.rglob("*") if p.is_file()]
+    assert {"multirun.yaml", "summary.json", "overrides.yaml", "status.json"} <= {p.name for p in files}
+    hits = [(p, name) for p in files for name, value in SECRETS.items() if value.encode() in p.read_bytes()]
+    assert not hits, hits
+    assert "***REDACTED***" in (sweep / "multirun.yaml").read_text()
 
 
 # ================================================================== static hygiene

@@ -117,12 +117,62 @@ def test_offline_wandb_files_give_the_same_table(sweep: Path, runs_table: pd.Dat
     assert set(done) <= set(b.index), "every finished run has a W&B run"
     assert set(b.index) <= set(a.index)
     assert (a.loc[b.index, "run"] == b["run"]).all()  # the same names (W&B's run_name), not only the same ids
+    # r_fail fails inside trainer.fit (AdamW rejects eps < 0), after log_hyperparams started its W&B
+    # run, and train.py finishes that run with exit_code=1: the W&B source must list it as failed
     fail_id = a.index[a["state"] == "failed"][0]
-    if fail_id in b.index:  # the job failed after W&B started (AdamW at fit time): W&B also says failed
-        assert b.loc[fail_id, "state"] == "failed"
+    assert fail_id in b.index, "the failed job wrote no W&B run file"
+    assert b.loc[fail_id, "state"] == "failed"
+    assert wb.set_index("run_id").loc[fail_id, "error"] == "W&B exit code 1"
     common = sorted(b.index)
     pd.testing.assert_frame_equal(a.loc[common], b.loc[common], check_exact=False, rtol=1e-9)
     assert set(wb["source"]) == {"wandb-offline"} and set(runs_table["source"]) == {"runs"}
+
+
+def test_sectional_switches_and_data_baselines_are_columns_of_both_sources(sweep: Path, runs_table: pd.DataFrame) -> None:
+    wb = comparable(collect(sweep, kind="wandb-offline"))
+    for table in (comparable(runs_table), wb):
+        sect = table[table["run"] == "experiment=r_sect2"].iloc[0]
+        assert (sect["seq_reduction_setting"], sect["seq_reduction"], sect["sectional_every"]) == ("experts", 2, 2)
+        assert (sect["pre_expert"], sect["expert_attention"], sect["merge_proj"], sect["seq_pool"]) == (True, True, False, "mean")
+        moe = table[table["run"] == "experiment=r_moe2"].iloc[0]
+        assert pd.isna(moe["sectional_every"]) and pd.isna(moe["pre_expert"]) and pd.isna(moe["seq_reduction_setting"])
+        done = table[table["state"] == "done"]
+        assert (done["unigram_val_ppl"] > done["bigram_val_ppl"]).all() and (done["bigram_val_ppl"] > 1).all()
+        assert (done["n_layers"] == 2).all() and (done["max_steps"] == 4).all()
+
+
+def _copy_sweep(sweep: Path, dest_root: Path, rewrite_dir) -> Path:
+    """The sweep copied to ``dest_root`` with the task/multirun/group layout, its summary.json dirs
+    rewritten by ``rewrite_dir`` (as another launch directory would have recorded them)."""
+    import shutil
+
+    copy = dest_root / "rep" / "multirun" / "tiny"
+    shutil.copytree(sweep, copy, symlinks=True)
+    jobs = json.loads((copy / "summary.json").read_text())
+    for job in jobs:
+        job["dir"] = rewrite_dir(Path(job["dir"]).name)
+    (copy / "summary.json").write_text(json.dumps(jobs))
+    return copy
+
+
+def test_a_copied_sweep_read_from_elsewhere_lists_no_finished_run_as_not_started(
+        sweep: Path, runs_table: pd.DataFrame, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert (sweep / "summary.json").is_file(), "the sweep summary (sectional_moe.sweeps) was not written"
+    # relative to the launch directory (what a launch from the repo root records) and absolute on a
+    # machine the sweep no longer lives on: neither resolves from here
+    for name, rewrite in (("relative", lambda d: f"outputs/rep/multirun/tiny/{d}"),
+                          ("stale-absolute", lambda d: f"/nonexistent/launch/outputs/rep/multirun/tiny/{d}")):
+        copy = _copy_sweep(sweep, tmp_path / name, rewrite)
+        jobs = json.loads((copy / "summary.json").read_text())
+        jobs.append({"job": "experiment=r_never", "dir": rewrite("experiment=r_never"), "state": "not started", "error": None})
+        (copy / "summary.json").write_text(json.dumps(jobs))
+        monkeypatch.chdir(tmp_path)  # neither the launch directory nor the sweep
+        table = collect(copy, kind="runs")
+        assert len(table) == 6, table[["run", "state", "path"]]
+        never = table[table["state"] == "not started"]
+        assert never["run"].tolist() == ["experiment=r_never"] and never["path"].item() == str(copy / "experiment=r_never")
+        pd.testing.assert_frame_equal(comparable(table[table["state"] != "not started"]), comparable(runs_table),
+                                      check_exact=False, rtol=1e-12)
 
 
 def test_api_adapter_matches_offline_reader(sweep: Path) -> None:
@@ -221,9 +271,11 @@ def _synthetic() -> pd.DataFrame:
             t = 1.0 + 2.0 * (1 / E + 1 / E**2) + 0.004 * E**2 + rng.normal(0, 1e-3)
             C = 1e15 * E ** 0.5 * (1 + seed)
             loss = 2.0 + 5.0 * (C / 1e15) ** -0.3 + rng.normal(0, 0.01)
+            # FLOPs/token of the same r = E shape: the exact compute term the κ fit is given
             rows.append({"run": f"sect E={E} s={seed}", "run_id": f"s{E}{seed}", "state": "done", "family": "sectional",
                          "size": "tiny", "experts": E, "routing": "segment_fixed", "seed": seed, "step_time_s": t,
-                         "compute_flops": C, "tokens": C / 1e6, "flops_per_token": 1e6, "params_total": 1e6,
+                         "seq_reduction_setting": "experts", "seq_reduction": E, "sectional_every": 1, "batch_tokens": 2048,
+                         "compute_flops": C, "tokens": C / 1e6, "flops_per_token": 1e6 * (1 / E + 1 / E**2), "params_total": 1e6,
                          "val_loss_best": loss, "val_ppl_best": math.exp(loss), "tokens_per_s": 1e4 / t, "peak_mem_gib": 1 + E / 10,
                          "load_max_over_mean": 1.0, "expert_frac": ",".join(["%g" % (1 / E)] * E)})
     rows.append({"run": "dense", "run_id": "d", "state": "done", "family": "dense", "size": "tiny", "routing": "none", "seed": 0,
@@ -237,7 +289,8 @@ def test_synthetic_sweep_fits_kappa_and_scaling_bands(tmp_path: Path) -> None:
     df = _synthetic()
     report = build_report(df, source="synthetic", metric="val_ppl_best", group_by="routing", n_boot=30)
     (k,) = report.kappas
-    assert k.fit is not None and k.fit.kappa == pytest.approx(0.004, abs=5e-4)  # the overhead the data was made with
+    assert k.fit is not None and k.fit.compute_term == "exact"  # flops_per_token x batch_tokens, not R1
+    assert k.fit.kappa == pytest.approx(0.004, abs=5e-4)  # the overhead the data was made with
     true_t = {E: 1.0 + 2.0 * (1 / E + 1 / E**2) + 0.004 * E**2 for E in (1, 2, 4, 8, 16)}
     assert k.fit.measured_e_opt == min(true_t, key=true_t.get)  # the swept E with the lowest step time (8)
     fits = {f.family: f for f in report.law_fits}
@@ -263,3 +316,109 @@ def test_pareto_and_steady_state_definitions() -> None:
     assert s["tokens_per_s"] == pytest.approx(500 / 40) and s["steady_windows"] == 2
     assert s["mfu"] == pytest.approx((0.2 * 10 + 0.1 * 30) / 40)
     assert s["step_time_s"] == pytest.approx(40 / (10 + 15))
+
+
+# ============================================================================================
+# Grouping by every varying config column, degenerate fits, baselines
+# ============================================================================================
+def _sect_rows(every: int, r_setting: str, *, kappa: float, seeds=(0, 1), E_list=(2, 4, 8, 16)) -> list[dict]:
+    rows = []
+    for E in E_list:
+        r = E if r_setting == "experts" else int(r_setting)
+        work = 1e6 * (0.5 + 0.5 / r + 1 / E**2)  # FLOPs/token: dense layers + the shortened sectional ones
+        for seed in seeds:
+            t = 0.2 + 1.5 * work / 2e6 + kappa * E**2 + 1e-4 * seed
+            loss = 3.0 + 0.1 * every + 0.01 * E
+            rows.append({"run": f"E={E} every={every} r={r_setting} s={seed}", "run_id": f"{E}-{every}-{r_setting}-{seed}",
+                         "state": "done", "family": "sectional", "size": "tiny", "experts": E, "routing": "segment_fixed",
+                         "seed": seed, "sectional_every": every, "seq_reduction_setting": r_setting, "seq_reduction": r,
+                         "pre_expert": True, "batch_tokens": 2048, "flops_per_token": work, "step_time_s": t,
+                         "val_loss_best": loss, "val_ppl_best": math.exp(loss), "unigram_val_ppl": 400.0, "bigram_val_ppl": 90.0})
+    return rows
+
+
+def test_runs_that_differ_in_a_config_setting_are_separate_kappa_fits_and_lines() -> None:
+    df = to_frame(_sect_rows(1, "experts", kappa=0.002) + _sect_rows(2, "experts", kappa=0.004) + _sect_rows(2, "2", kappa=0.001))
+    # r follows E in two groups, so only the setting (not the resolved r) may split them
+    assert analysis.varying_config_columns(analysis.finished(df)) == ["seq_reduction_setting", "sectional_every"]
+    fits = {k.label: k for k in analysis.kappa_fits(df)}
+    assert set(fits) == {"size=tiny, routing=segment_fixed, seq_reduction=experts, sectional_every=1",
+                         "size=tiny, routing=segment_fixed, seq_reduction=experts, sectional_every=2",
+                         "size=tiny, routing=segment_fixed, seq_reduction=2, sectional_every=2"}
+    for label, kappa in (("seq_reduction=experts, sectional_every=1", 0.002), ("seq_reduction=experts, sectional_every=2", 0.004),
+                         ("seq_reduction=2, sectional_every=2", 0.001)):
+        k = fits[f"size=tiny, routing=segment_fixed, {label}"]
+        assert len(k.data) == 8 and k.fit.compute_term == "exact"
+        assert k.fit.kappa == pytest.approx(kappa, rel=1e-3)  # exact FLOPs as the compute term: no R1 bias at fixed r
+
+    import matplotlib.pyplot as plt
+
+    from sectional_moe.report import figures
+
+    fig, ax = plt.subplots()
+    figures._lines_vs_experts(ax, df, "val_ppl_best", "routing")
+    figures._baselines(ax, df, "val_ppl_best")
+    labels = set(ax.get_legend_handles_labels()[1])
+    plt.close(fig)
+    assert labels == {"segment_fixed, seq_reduction=experts, sectional_every=1", "segment_fixed, seq_reduction=experts, sectional_every=2",
+                      "segment_fixed, seq_reduction=2, sectional_every=2",
+                      "unigram baseline (validation, ppl 400)", "bigram baseline (validation, ppl 90)"}
+
+
+def test_quality_figure_draws_the_baselines_only_when_logged() -> None:
+    import matplotlib.pyplot as plt
+
+    from sectional_moe.report import figures
+
+    df = to_frame(_sect_rows(2, "experts", kappa=0.0))
+    for metric, expected in (("val_ppl_best", 2), ("val_loss_best", 2), ("test_ppl", 0)):
+        fig, ax = plt.subplots()
+        drawn = figures._baselines(ax, df, metric)
+        plt.close(fig)
+        assert len(drawn) == expected, metric
+    assert figures._baselines(plt.subplots()[1], df.assign(unigram_val_ppl=np.nan, bigram_val_ppl=np.nan), "val_ppl_best") == []
+    plt.close("all")
+    fig = figures.fig_quality_vs_experts(df, "val_loss_best", "routing")
+    assert fig.png is not None and "unigram and bigram" in fig.caption
+
+
+def _compute_rows(C: np.ndarray, loss: np.ndarray) -> pd.DataFrame:
+    return to_frame({"run": f"r{i}", "run_id": f"r{i}", "state": "done", "family": "sectional", "size": "tiny", "experts": 4,
+                     "routing": "segment_fixed", "seed": i, "compute_flops": c, "val_loss_best": l, "val_ppl_best": math.exp(l)}
+                    for i, (c, l) in enumerate(zip(C, loss)))
+
+
+def test_a_compute_law_over_a_few_percent_of_compute_is_not_fitted() -> None:
+    # the mission sweep: 6 runs spanning ~8 % of compute (E went to its bound, alpha's CI to [0, 0.57])
+    C = 4.8e11 * np.linspace(1.0, 1.08, 6)
+    (fit,) = analysis.compute_law_fits(_compute_rows(C, 5.2 - 0.1 * np.log(C / C[0])), n_boot=5)
+    assert fit.reason and "2 distinct compute budget(s) spanning 1.08x" in fit.reason and fit.curve is None
+    assert analysis.count_budgets(C) == 2 and analysis.count_budgets(np.array([1e15, 1.01e15, 3e15, 9e15])) == 3
+    # three distinct budgets are not enough either when they span less than 3x
+    C = 4.8e11 * np.repeat([1.0, 1.2, 1.45], 2)
+    (fit,) = analysis.compute_law_fits(_compute_rows(C, 5.2 - 0.1 * np.log(C / C[0])), n_boot=5)
+    assert fit.reason and "3 distinct compute budget(s) spanning 1.45x" in fit.reason and ">= 3x" in fit.reason
+
+
+def test_a_fit_whose_floor_collapses_to_its_bound_is_reported_as_degenerate_not_plotted() -> None:
+    C = np.geomspace(1e15, 1e17, 6)
+    pure_power = 8.0 * (C / 1e16) ** -0.05  # no irreducible loss: E is not identified and runs to 0
+    df = _compute_rows(C, pure_power)
+    (fit,) = analysis.compute_law_fits(df, n_boot=5)
+    assert fit.reason.startswith("degenerate fit, not a result") and "E = " in fit.reason and "lower bound 0" in fit.reason
+    assert fit.curve is None and fit.params["E"] < 1e-3
+    from sectional_moe.report.figures import fig_scaling
+
+    figure = fig_scaling(df, "val_ppl_best", "routing", [fit])
+    assert figure.png is None and any("degenerate" in n for n in figure.notes)
+    # a well-posed law over 100x with a floor is fitted and plotted
+    (good,) = analysis.compute_law_fits(_compute_rows(C, 2.0 + 3.0 * (C / 1e16) ** -0.3), n_boot=5)
+    assert good.reason is None and good.params["E"] == pytest.approx(2.0, rel=1e-3)
+    assert fig_scaling(df, "val_ppl_best", "routing", [good]).png is not None
+
+
+def test_at_bounds_names_each_parameter_at_a_bound() -> None:
+    law = analysis.COMPUTE_LAW
+    assert analysis.at_bounds(law, {"E": 1.5, "A": 2.0, "alpha": 0.3}, scale=3.0) == []
+    msgs = analysis.at_bounds(law, {"E": 1e-5, "A": 2.0, "alpha": 3.0}, scale=3.0)
+    assert len(msgs) == 2 and msgs[0].startswith("E = 1e-05") and "alpha = 3 sits at its upper bound 3" in msgs[1]

@@ -116,6 +116,19 @@ def test_cli_run_writes_checkpoints_csv_and_a_readable_offline_wandb_run(tmp_pat
     assert run["config"]["family"] == "sectional" and run["config"]["routing.name"] == "topk"
     assert run["config"]["experts"] == 2 and run["config"]["size.name"] == "nano"
     assert run["config"]["params/total"] > run["config"]["params/active"] > 0
+    # derived run-config keys, against the model the checkpoint holds
+    import torch
+
+    from sectional_moe.flops import flops_per_token, param_counts
+    from sectional_moe.spec import ModelSpec
+
+    spec = ModelSpec.from_dict(torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["hyper_parameters"]["spec"])
+    config = run["config"]
+    assert config["device_name"] == ("cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name())
+    assert config["world_size"] == 1
+    assert config["global_batch_tokens"] == 8 * spec.seq_len * config["trainer.accumulate_grad_batches"] == 8 * 64
+    assert config["flops/per_token"] == pytest.approx(flops_per_token(spec, training=True))
+    assert config["params/active"] == pytest.approx(param_counts(spec)["active"])
     history = run["history"]
     wandb_val = [row["val/loss"] for row in history if "val/loss" in row]
     assert wandb_val == pytest.approx(val_csv)  # W&B and CSV hold the same numbers

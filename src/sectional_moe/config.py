@@ -21,6 +21,8 @@ MAX_PEAK_TFLOPS = 100_000  # dense TFLOP/s of one device; anything above is a un
 NAN_POLICIES = ("stop", "skip")
 PRECISIONS = ("auto", "32-true", "32", "bf16-mixed", "bf16-true", "16-mixed", "16-true", "64-true")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
+# strategies Lightning runs on CUDA GPUs only (it refuses them on CPU, but only once the Trainer exists)
+CUDA_ONLY_STRATEGIES = ("fsdp", "deepspeed")
 
 
 def _positive(value: Any, key: str, kind: type = int, allow_zero: bool = False) -> None:
@@ -55,6 +57,62 @@ def resolve_compile(cfg: Mapping[str, Any]) -> bool:
     if value == "auto":
         return resolve_device_type(cfg["trainer"]) == "cuda"
     return bool(value)
+
+
+def strategy_name(strategy: Any) -> str:
+    """``fsdp`` for ``strategy: fsdp`` and for ``{_target_: ...FSDPStrategy, ...}``; lower case."""
+    if isinstance(strategy, Mapping):
+        target = str(strategy.get("_target_", ""))
+        return target.rsplit(".", 1)[-1].lower().removesuffix("strategy")
+    return str(strategy).lower()
+
+
+def check_strategy(trainer: Mapping[str, Any], *, check_device: bool = True) -> None:
+    """A GPU-only strategy (FSDP, DeepSpeed) needs CUDA: refuse it before any compute.
+
+    Raises:
+        ConfigError: ``trainer.strategy`` with ``accelerator=cpu``, or (``check_device``) with no
+            visible CUDA device.
+    """
+    name = strategy_name(trainer.get("strategy", "auto"))
+    if not name.startswith(CUDA_ONLY_STRATEGIES):
+        return
+    accelerator = str(trainer.get("accelerator", "auto"))
+    if accelerator == "cpu":
+        why = "accelerator=cpu"
+    elif check_device and not torch.cuda.is_available():
+        why = "no CUDA device is visible"
+    else:
+        return
+    raise ConfigError("trainer.strategy", f"strategy={name} shards the model over CUDA GPUs but {why}; "
+                      "use trainer=ddp_sim on CPU (DDP over gloo), or run it on a GPU node")
+
+
+def check_devices(trainer: Mapping[str, Any]) -> None:
+    """On CUDA, ``trainer.devices`` (GPUs per node: a count or a list of indices) must exist here.
+
+    Raises:
+        ConfigError: ``trainer.devices`` asks for more GPUs, or a higher index, than are visible.
+    """
+    if resolve_device_type(trainer) != "cuda" or not torch.cuda.is_available():
+        return
+    visible = torch.cuda.device_count()
+    devices = trainer.get("devices", "auto")
+    if isinstance(devices, str) and "," in devices:  # Lightning's "0,1" index list
+        devices = [int(d) for d in devices.split(",") if d.strip()]
+    elif isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        devices = int(devices)
+    if isinstance(devices, bool):
+        return
+    if isinstance(devices, int):
+        too_many = devices > visible  # -1 (all) and 0 are Lightning's to judge
+    elif isinstance(devices, (list, tuple)) or (hasattr(devices, "__len__") and not isinstance(devices, str)):
+        too_many = any(int(d) >= visible for d in devices)
+    else:  # "auto"
+        return
+    if too_many:
+        raise ConfigError("trainer.devices", f"devices={devices!r} but only {visible} CUDA device(s) are visible on this node; "
+                          f"use trainer.devices<={visible} (devices counts GPUs per node; trainer.num_nodes scales out)")
 
 
 def resolve_auto_schedule(cfg: Mapping[str, Any]) -> None:
@@ -110,8 +168,11 @@ def validate_config(cfg: Mapping[str, Any], *, check_device: bool = True) -> Mod
     if precision not in PRECISIONS:
         raise ConfigError("trainer.precision", f"precision={precision!r}; use one of {', '.join(PRECISIONS)}")
     device = resolve_device_type(trainer)
+    check_strategy(trainer, check_device=check_device)  # first: "fsdp needs GPUs" is the fix to show, not "no GPU"
     if check_device and device == "cuda" and not torch.cuda.is_available():  # off when planning GPU jobs on a laptop
         raise ConfigError("trainer.accelerator", f"accelerator={trainer.get('accelerator')} but no CUDA device is visible; use trainer=cpu (or trainer.accelerator=auto)")
+    if check_device:
+        check_devices(trainer)
     if device == "cpu" and precision.startswith("16"):
         raise ConfigError("trainer.precision", f"precision={precision} (fp16) is not supported on CPU; use 32-true or bf16-mixed")
 

@@ -28,3 +28,7 @@ class DataError(ConfigError):
 
 class CheckpointError(RuntimeError):
     """A checkpoint file is truncated, corrupt or does not match the configured model."""
+
+
+class StaleRunError(ConfigError):
+    """The run directory holds a finished run of a different config; that run's files stay untouched."""

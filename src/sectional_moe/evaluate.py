@@ -7,19 +7,19 @@
    ``spec`` hyper-parameters (:func:`load_checkpoint`);
 2. test perplexity: ``exp(sum of token NLL / number of tokens)`` over the test split of the data
    the run trained on (its ``.hydra/config.yaml`` next to the checkpoint), or of ``data=<name>``;
-3. inference throughput, measured separately for the two phases of generation:
+3. inference throughput, measured separately for the two phases of generation, both through the
+   models' KV cache (:meth:`~sectional_moe.models.LanguageModel.init_cache`):
 
-   * **prefill**: one forward pass over a full context of ``seq_len`` tokens (tokens/s);
-   * **decode**: generating ``bench.decode_tokens`` new tokens after a full context (tokens/s).
-     The models have **no KV cache**: every decoded token re-runs the whole model on the last
-     ``seq_len`` tokens, so one decoded token costs a full-context forward pass
-     (``seq_len x`` the forward FLOPs per token, reported as ``decode.flops_per_token``).
-     Sequence reduction (sectional ``seq_reduction``) can help prefill; a cache-free decode pays
-     the full context at every step, so decode tokens/s is roughly prefill tokens/s / seq_len at
-     batch 1. (A KV-cached decoder would process one new position per step, where r-fold
-     shortening has nothing to merge; we do not implement one.)
+   * **prefill**: one cache-filling forward pass over a full context of ``seq_len`` tokens
+     (tokens/s; median over repeated passes);
+   * **decode**: ``bench.decode_tokens`` greedy tokens generated one cached step at a time after a
+     prompt of ``seq_len - decode_tokens`` tokens (tokens/s of the timed steps only). Each step
+     processes one new position per layer against the cached keys/values. A sectional layer
+     does its pre-expert and expert work only on the steps that complete a short position (every
+     r-th token) and adds its stored delta on the others, so r-fold shortening lowers its
+     amortised decode cost too, at the price of uneven per-token latency.
 
-4. a text sample from ``prompt`` (temperature, top-k);
+4. a text sample from ``prompt`` (temperature, top-k), decoded with the same cache;
 5. ``eval.json`` next to the checkpoint (or at ``out=``) and a small table on stdout.
 """
 
@@ -44,9 +44,9 @@ from sectional_moe.models import LanguageModel, build_model
 from sectional_moe.spec import ModelSpec
 
 EVAL_FILE = "eval.json"
-DECODE_NOTE = ("no KV cache: every decoded token re-runs the model on the last seq_len tokens, a full-context "
-               "forward pass per token; sequence reduction can help prefill, but a cache-free decode pays the "
-               "full context at every step")
+DECODE_NOTE = ("KV-cached decode: one new position per step against cached keys/values; a sectional layer runs "
+               "its pre-expert layer and experts only on steps completing a short position (every r-th token), "
+               "so flops_per_token is the analytic forward cost per token, amortised over r steps")
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -122,7 +122,8 @@ def perplexity(model: LanguageModel, batches: Iterable[torch.Tensor], device: to
 
 # ---------------------------------------------------------------------------------------------- generation
 def next_token_logits(model: LanguageModel, ids: torch.Tensor) -> torch.Tensor:
-    """Logits (B, V) for the token after ``ids`` (B, t), seeing at most the last ``seq_len`` tokens.
+    """Cache-free logits (B, V) for the token after ``ids`` (B, t), seeing at most the last
+    ``seq_len`` tokens: a full forward pass (the reference that cached decoding must match).
 
     A sectional model shortens the sequence r-fold, so its input length must be a multiple of r:
     a shorter context is right-padded, which cannot change the logits at position t-1 (every
@@ -151,16 +152,36 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, gen
     return torch.multinomial(probs.cpu(), 1, generator=generator).to(logits.device)
 
 
+def restart_length(seq_len: int) -> int:
+    """Tokens kept when a generation outgrows the context: the newest half of it."""
+    return max(1, seq_len // 2)
+
+
 @torch.inference_mode()
 def generate(model: LanguageModel, ids: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.8,
              top_k: int | None = 50, seed: int = 0, precision: str = "auto") -> torch.Tensor:
-    """Append ``max_new_tokens`` sampled tokens to ``ids`` (B, t); cache-free (see module docstring)."""
-    device = ids.device
+    """Append ``max_new_tokens`` sampled tokens to ``ids`` (B, t) with KV-cached decoding.
+
+    The prompt (its last ``seq_len`` tokens) is prefilled once, then each token is one cached step.
+    The model has RoPE tables and, for the sectional family, short-position groups anchored at
+    position 0 for ``seq_len`` positions only, so when the context is full it restarts from the
+    newest :func:`restart_length` tokens (one re-prefill) instead of sliding by one token.
+    """
+    device, seq_len = ids.device, model.spec.seq_len
     generator = torch.Generator().manual_seed(seed)
-    for _ in range(max_new_tokens):
-        with autocast(device, precision):
-            logits = next_token_logits(model, ids)
-        ids = torch.cat([ids, sample_next(logits, temperature, top_k, generator)], dim=1)
+    cache = model.init_cache()
+    with autocast(device, precision):
+        logits = model(ids[:, -seq_len:], cache=cache)[0][:, -1]
+        for i in range(max_new_tokens):
+            nxt = sample_next(logits.float(), temperature, top_k, generator)  # (B, 1)
+            ids = torch.cat([ids, nxt], dim=1)
+            if i == max_new_tokens - 1:
+                break
+            if cache.pos == cache.max_len:  # context full: restart from its newest part
+                cache.reset()
+                logits = model(ids[:, -restart_length(seq_len):], cache=cache)[0][:, -1]
+            else:
+                logits = model(nxt, cache=cache)[0][:, -1]
     return ids
 
 
@@ -186,19 +207,20 @@ def _context(spec: ModelSpec, batch_size: int, device: torch.device, seed: int =
 @torch.inference_mode()
 def measure_prefill(model: LanguageModel, *, batch_size: int = 1, seconds: float = 1.0, min_reps: int = 3,
                     precision: str = "auto", context: torch.Tensor | None = None) -> dict[str, float]:
-    """Tokens/s of one forward pass over a full context (B, seq_len); median over repeated passes."""
+    """Tokens/s of one cache-filling forward pass over a full context (B, seq_len); median over
+    repeated passes (a fresh cache each, as a new prompt gets)."""
     spec, device = model.spec, next(model.parameters()).device
     ids = context[:batch_size, : spec.seq_len] if context is not None else _context(spec, batch_size, device)
     B, T = ids.shape
     times: list[float] = []
     with autocast(device, precision):
         for _ in range(2):  # warm-up: kernels, allocator, thread pool
-            model(ids)
+            model(ids, cache=model.init_cache())
         _sync(device)
         start = time.perf_counter()
         while len(times) < min_reps or (time.perf_counter() - start < seconds and len(times) < 1000):
             t0 = time.perf_counter()
-            model(ids)
+            model(ids, cache=model.init_cache())
             _sync(device)
             times.append(time.perf_counter() - t0)
     latency = statistics.median(times)
@@ -207,27 +229,41 @@ def measure_prefill(model: LanguageModel, *, batch_size: int = 1, seconds: float
             "repeats": len(times), "tflops_per_s": B * T * fwd / latency / 1e12}
 
 
+def _decode_steps(model: LanguageModel, prompt: torch.Tensor, new_tokens: int, device: torch.device) -> float:
+    """Prefill ``prompt`` (untimed), then time ``new_tokens`` greedy cached steps; -> seconds."""
+    cache = model.init_cache(prompt.shape[1] + new_tokens)
+    nxt = model(prompt, cache=cache)[0][:, -1:].argmax(dim=-1)  # (B, 1)
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        nxt = model(nxt, cache=cache)[0][:, -1:].argmax(dim=-1)
+    _sync(device)
+    return time.perf_counter() - start
+
+
 @torch.inference_mode()
 def measure_decode(model: LanguageModel, *, batch_size: int = 1, new_tokens: int = 32, precision: str = "auto",
                    context: torch.Tensor | None = None) -> dict[str, Any]:
-    """Tokens/s generating ``new_tokens`` greedy tokens per sequence after a full context, without a
-    KV cache: each step is a forward pass over the last ``seq_len`` tokens."""
+    """Tokens/s of KV-cached greedy decoding: ``new_tokens`` one-token steps per sequence after a
+    prompt of ``seq_len - new_tokens`` tokens (so the last step fills the context exactly).
+
+    Only the steps are timed (the prompt's prefill is :func:`measure_prefill`'s business); one
+    untimed warm-up run first. A sectional layer's work lands on every r-th step, so the mean over
+    ``new_tokens`` >= r steps is its amortised cost.
+    """
     spec, device = model.spec, next(model.parameters()).device
+    if not 0 < new_tokens < spec.seq_len:
+        raise ConfigError("bench.decode_tokens", f"decode_tokens={new_tokens} must be in [1, seq_len-1={spec.seq_len - 1}]: "
+                          "the prompt and the generated tokens share the seq_len context")
     ids = context[:batch_size, : spec.seq_len] if context is not None else _context(spec, batch_size, device)
-    B = ids.shape[0]
+    prompt = ids[:, : spec.seq_len - new_tokens]
+    B = prompt.shape[0]
     with autocast(device, precision):
-        next_token_logits(model, ids)  # warm-up
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(new_tokens):
-            nxt = next_token_logits(model, ids).argmax(dim=-1, keepdim=True)
-            ids = torch.cat([ids, nxt], dim=1)[:, -spec.seq_len:]  # the window slides; the cost stays full
-        _sync(device)
-        elapsed = time.perf_counter() - start
-    fwd = flops_per_token(spec, training=False)
+        _decode_steps(model, prompt, min(new_tokens, 4), device)  # warm-up: kernels, allocator, thread pool
+        elapsed = _decode_steps(model, prompt, new_tokens, device)
     return {"tokens_per_s": B * new_tokens / elapsed, "ms_per_token": 1e3 * elapsed / new_tokens, "batch_size": B,
-            "new_tokens": new_tokens, "context_tokens": spec.seq_len, "kv_cache": False,
-            "flops_per_token": fwd * spec.seq_len, "note": DECODE_NOTE}
+            "new_tokens": new_tokens, "context_tokens": prompt.shape[1], "kv_cache": True,
+            "flops_per_token": flops_per_token(spec, training=False), "note": DECODE_NOTE}
 
 
 # ---------------------------------------------------------------------------------------------- the app
@@ -277,6 +313,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if precision == "auto":
         precision = "bf16-mixed" if device.type == "cuda" else "32-true"
     model, spec, hparams = load_checkpoint(ckpt, device)
+    bench = cfg.get("bench") or {}
+    decode_tokens = int(bench.get("decode_tokens", 32))
+    if not 0 < decode_tokens < spec.seq_len:  # checked before the (slow) test split
+        raise ConfigError("bench.decode_tokens", f"decode_tokens={decode_tokens} must be in [1, seq_len-1={spec.seq_len - 1}]")
     results: dict[str, Any] = {
         "checkpoint": str(ckpt),
         "model": {"family": spec.family, "routing": spec.routing, "experts": spec.experts if spec.family != "dense" else None,
@@ -296,12 +336,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             limit = cfg.get("limit_batches")
             results["test"] = {"data": data_name, "split": "test",
                                **perplexity(model, dm.test_dataloader(), device, precision, limit)}
-    bench = cfg.get("bench") or {}
     batch = int(bench.get("batch_size", 1))
     results["prefill"] = measure_prefill(model, batch_size=batch, seconds=float(bench.get("prefill_seconds", 1.0)),
                                          precision=precision)
-    results["decode"] = measure_decode(model, batch_size=batch, new_tokens=int(bench.get("decode_tokens", 32)),
-                                       precision=precision)
+    results["decode"] = measure_decode(model, batch_size=batch, new_tokens=decode_tokens, precision=precision)
     if tokenizer is not None and cfg.get("prompt") is not None:
         sampling = {"max_new_tokens": int(cfg.max_new_tokens), "temperature": float(cfg.temperature),
                     "top_k": cfg.get("top_k"), "seed": int(cfg.seed)}
@@ -327,8 +365,8 @@ def format_table(results: Mapping[str, Any]) -> str:
     p, d = results["prefill"], results["decode"]
     rows.append(("prefill tokens/s", f"{p['tokens_per_s']:,.0f}  (batch {p['batch_size']} x {p['context_tokens']} tokens, "
                                      f"{1e3 * p['latency_s']:.2f} ms/pass)"))
-    rows.append(("decode tokens/s", f"{d['tokens_per_s']:,.1f}  ({d['ms_per_token']:.2f} ms/token, batch {d['batch_size']}, "
-                                    "no KV cache)"))
+    rows.append(("decode tokens/s", f"{d['tokens_per_s']:,.1f}  ({d['ms_per_token']:.2f} ms/step, batch {d['batch_size']}, "
+                                    f"KV cache, {d['new_tokens']} steps after {d['context_tokens']} prompt tokens)"))
     width = max(len(k) for k, _ in rows)
     lines = [f"{k:<{width}}  {v}" for k, v in rows]
     lines.append(f"note: {DECODE_NOTE}")

@@ -4,9 +4,16 @@ Three sources, in order of precedence (:func:`peak_flops` returns the value and 
 
 1. ``override``: ``hardware.peak_tflops`` from the config (dense TFLOP/s per device);
 2. ``table:<name>``: a CUDA device found in :data:`GPU_PEAKS` by its ``torch.cuda.get_device_name()``;
-3. ``cpu-probe:<file>``: on CPU, the best rate of a short matmul probe (:func:`cpu_probe`),
-   measured once per machine, thread count and dtype, and cached as JSON under
+3. ``cpu-probe:<file>``: on CPU, the best rate of a matmul probe at the training dtype
+   (:func:`cpu_probe`), cached per machine, thread count and dtype as JSON under
    ``{cache_dir}/hardware/<hostname>-<cpu model hash>.json``.
+
+A CPU probe taken while other processes compete for the cores measures a fraction of the peak and
+inflates every MFU computed from it (a loaded probe once gave committed results an MFU of ~0.9).
+So each cache entry records the 1-minute load average, the usable cores and the thread count
+it was measured with, and an entry taken under load (:func:`heavy_load`) is *not trusted*: the
+next run probes again and keeps the better of the two measurements (a peak can only be
+under-measured), until a probe on a quiet machine settles it.
 
 Anything else (an unknown GPU name, MPS, fp64) is ``unknown`` with no peak: no MFU is logged rather
 than a wrong one (ecosystem.md pitfalls P9/P10).
@@ -16,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import platform
 import re
@@ -27,6 +35,8 @@ from typing import NamedTuple
 import torch
 
 from sectional_moe.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 TFLOPS = 1e12
 
@@ -94,12 +104,21 @@ _NAME_PATTERNS: list[tuple[str, str]] = [
     (r"\bmi300x\b", "mi300x"),
 ]
 
-# The CPU probe multiplies (M x K) @ (K x N) with M = K = N = 512: the order of the projections of
-# the nano-small presets (d_model 64-256, d_ff up to 768) over a few hundred tokens per batch, and
-# small enough that bf16 (emulated on CPUs without AVX512-BF16, ~1 GFLOP/s) stays under a second.
-PROBE_SHAPE = (512, 512, 512)
-PROBE_SECONDS = 0.25  # timed budget per dtype, after one warm-up matmul
-PROBE_MIN_REPS = 3
+# The CPU probe multiplies (M x K) @ (K x N) with M = K = N = 1024 (2.1 GFLOP): large enough that
+# BLAS reaches its sustained rate on any core count (512 was not, at 2 threads), about the size of
+# the largest GEMMs of the small-base presets. It runs PROBE_ROUNDS rounds of PROBE_SECONDS each;
+# a round's rate is its median matmul, the probe's the best round, so a burst of load costs at
+# most a round. With matmuls slower than a round (bf16 emulated without AVX512-BF16/AMX, ~1
+# GFLOP/s: 2 s each) the probe stops after PROBE_MAX_SECONDS.
+PROBE_SHAPE = (1024, 1024, 1024)
+PROBE_SECONDS = 0.3  # timed budget per round
+PROBE_ROUNDS = 5
+PROBE_MIN_REPS = 1  # matmuls per round at least
+PROBE_MAX_SECONDS = 6.0
+# load (beyond the probe's own threads) tolerated on the usable cores before a probe is not trusted
+LOAD_SLACK = 0.5
+# plausible CPU matmul rates per thread (a sanity check only: outside, the probe result is warned about)
+PLAUSIBLE_GFLOPS_PER_THREAD = (0.5, 2000.0)
 
 
 class Peak(NamedTuple):
@@ -168,56 +187,121 @@ _TORCH_DTYPES = {"fp32": torch.float32, "tf32": torch.float32, "bf16": torch.bfl
 
 
 def measure_matmul_flops(dtype: str, shape: tuple[int, int, int] = PROBE_SHAPE, seconds: float = PROBE_SECONDS,
-                         min_reps: int = PROBE_MIN_REPS) -> float:
-    """Best FLOP/s of single CPU matmuls of ``shape`` (M, K, N) in ``dtype`` over ``seconds``."""
+                         min_reps: int = PROBE_MIN_REPS, rounds: int = PROBE_ROUNDS,
+                         max_seconds: float = PROBE_MAX_SECONDS) -> float:
+    """Best-round FLOP/s of CPU matmuls of ``shape`` (M, K, N) in ``dtype`` (see PROBE_SHAPE)."""
     M, K, N = shape
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(M, K, generator=gen).to(_TORCH_DTYPES[dtype])
     b = torch.randn(K, N, generator=gen).to(_TORCH_DTYPES[dtype])
     torch.mm(a, b)  # warm-up: thread pool start, packing buffers
-    best, reps, start = float("inf"), 0, time.perf_counter()
-    while reps < min_reps or time.perf_counter() - start < seconds:
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - t0)
-        reps += 1
+    best, probe_start = float("inf"), time.perf_counter()
+    for _ in range(max(1, rounds)):
+        times, start = [], time.perf_counter()
+        while len(times) < min_reps or time.perf_counter() - start < seconds:
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            times.append(time.perf_counter() - t0)
+        best = min(best, sorted(times)[len(times) // 2])  # the round's median matmul
+        if time.perf_counter() - probe_start > max_seconds:
+            break
     return 2.0 * M * K * N / best
+
+
+def usable_cores() -> int:
+    """CPUs this process may run on (affinity / cgroup cpuset, as SLURM sets), else ``os.cpu_count()``."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def load_average() -> float | None:
+    """The 1-minute load average (runnable processes), None where the OS has none (Windows)."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def heavy_load(load: float | None, cores: int, threads: int) -> bool:
+    """Would a probe with ``threads`` threads share its cores with other work?
+
+    True when the load average exceeds the cores the probe leaves idle (+ :data:`LOAD_SLACK`). The
+    1-minute average also counts this process's own recent work (e.g. tokenising data), so it can
+    flag a quiet machine as loaded: the cost is one more probe, never a wrong peak.
+    An unknown load (no ``getloadavg``) is not heavy: nothing better can be done.
+    """
+    return load is not None and load > max(0, cores - threads) + LOAD_SLACK
+
+
+def _trusted(entry: dict, threads: int) -> bool:
+    """A cache entry measured with this probe, at this thread count, on a quiet machine."""
+    return (entry.get("shape") == list(PROBE_SHAPE) and entry.get("threads") == threads
+            and "loadavg_1m" in entry and entry.get("under_load") is False)
 
 
 def cpu_probe(dtype: str, cache_dir: str | os.PathLike | None) -> Peak:
     """Measured CPU peak for ``dtype`` at the current thread count, cached per machine.
 
     The cache holds one entry per ``<dtype>@<threads>threads``, so changing ``torch.set_num_threads``
-    or the precision probes again once. Without a ``cache_dir`` the probe runs and is not stored.
+    or the precision probes again once. An entry is reused only if it is trusted (:func:`_trusted`:
+    same probe shape and thread count, recorded on a quiet machine); otherwise the probe runs again
+    and the entry keeps the best of the old and new rates. Without a ``cache_dir`` the probe runs
+    and is not stored.
     """
     if dtype not in _TORCH_DTYPES:
         return Peak(None, "unknown")
     dtype = "fp32" if dtype == "tf32" else dtype  # CPUs have no TF32
-    entry = f"{dtype}@{torch.get_num_threads()}threads"
+    threads = torch.get_num_threads()
+    entry = f"{dtype}@{threads}threads"
     path = probe_cache_file(cache_dir) if cache_dir is not None else None
     cached: dict = {}
+    old: dict = {}
     if path is not None and path.is_file():
         try:
             cached = json.loads(path.read_text())
         except (OSError, ValueError):
             cached = {}  # a corrupt cache is re-measured, never trusted
-        hit = cached.get("probes", {}).get(entry)
-        if hit and hit.get("shape") == list(PROBE_SHAPE):
-            return Peak(float(hit["flops_per_s"]), f"cpu-probe:{path}")
+        old = cached.get("probes", {}).get(entry) or {}
+        if _trusted(old, threads):
+            return Peak(float(old["flops_per_s"]), f"cpu-probe:{path}")
+    cores, load = usable_cores(), load_average()
+    loaded = heavy_load(load, cores, threads)
     flops = measure_matmul_flops(dtype)
+    comparable = old.get("shape") == list(PROBE_SHAPE) and old.get("threads") == threads
+    kept = max(flops, float(old["flops_per_s"])) if comparable and "flops_per_s" in old else flops
+    _log_probe(dtype, flops, kept, threads, cores, load, loaded)
     if path is None:
-        return Peak(flops, "cpu-probe:uncached")
+        return Peak(kept, "cpu-probe:uncached")
     cached.setdefault("cpu_model", cpu_model())
     cached.setdefault("hostname", socket.gethostname())
     cached.setdefault("probes", {})[entry] = {
-        "flops_per_s": flops, "shape": list(PROBE_SHAPE), "torch": torch.__version__,
+        "flops_per_s": kept, "last_probe_flops_per_s": flops, "shape": list(PROBE_SHAPE), "threads": threads,
+        "cores": cores, "loadavg_1m": load, "under_load": loaded, "torch": torch.__version__,
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")  # concurrent jobs: write aside, then rename atomically
     tmp.write_text(json.dumps(cached, indent=1, sort_keys=True))
     os.replace(tmp, path)
-    return Peak(flops, f"cpu-probe:{path}")
+    return Peak(kept, f"cpu-probe:{path}")
+
+
+def _log_probe(dtype: str, flops: float, kept: float, threads: int, cores: int, load: float | None, loaded: bool) -> None:
+    """One line per probe, a warning when the number is suspect (loaded machine, implausible rate)."""
+    lo, hi = PLAUSIBLE_GFLOPS_PER_THREAD
+    per_thread = flops / 1e9 / max(1, threads)
+    msg = (f"CPU peak probe: {flops / 1e9:.1f} GFLOP/s {dtype} ({per_thread:.1f} per thread) at {threads} threads on "
+           f"{cores} cores, load average {'n/a' if load is None else f'{load:.2f}'}; MFU denominator {kept / 1e9:.1f} GFLOP/s")
+    if loaded:
+        log.warning("%s. The machine is busy: the probe may under-measure the peak (MFU overstated); "
+                    "it is not trusted and runs again next time (or set hardware.peak_tflops).", msg)
+    elif not lo <= per_thread <= hi:
+        log.warning("%s. Implausible per-thread rate (expected %.1f-%.0f GFLOP/s); set hardware.peak_tflops "
+                    "if MFU looks wrong.", msg, lo, hi)
+    else:
+        log.info(msg)
 
 
 def peak_flops(device: torch.device | str, precision: str = "32-true", *, override_tflops: float | None = None,

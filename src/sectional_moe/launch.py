@@ -7,6 +7,9 @@ Line ``i`` of the file (0-based, matching ``$SLURM_ARRAY_TASK_ID``) holds the ov
 ``i``, expanded by the same rules as ``python train.py -m`` (Hydra's basic sweeper: comma lists,
 ``range(...)``, ``glob(...)``; keys in command-line order), so both paths run the same jobs and, since run
 directories come from the overrides, write to the same run keys.
+
+Values are shell-quoted (:func:`shlex.quote`); ``array.sbatch`` splits a line back with
+:func:`shlex.split` and never evaluates it, so an edited line with ``$(...)`` stays literal text.
 """
 
 from __future__ import annotations

@@ -4,21 +4,96 @@ The model itself (:mod:`sectional_moe.models`) knows nothing of Lightning. This 
 loss, the AdamW + schedule, and exact perplexity: ``exp(sum of token NLL / number of tokens)``
 over the whole evaluation set (summed across ranks), never a mean of per-batch perplexities.
 Hyper-parameters are saved as plain dicts so checkpoints load with ``torch.load(weights_only=True)``.
+
+Checkpoints also carry every rank's RNG states (torch CPU and CUDA, numpy, Python), stored as
+tensors and plain lists for the same reason; a resumed rank continues its own random streams.
+:func:`fsdp_wrap_policy` is the FSDP auto-wrap policy of ``conf/trainer/fsdp.yaml``.
 """
 
 from __future__ import annotations
 
+import logging
 import math
-from typing import Any
+import random
+from typing import Any, Mapping
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torchmetrics import SumMetric
 
 from sectional_moe.models import build_model
-from sectional_moe.optim import build_optimizer, lr_multiplier
+from sectional_moe.optim import build_optimizer, decayed_names, lr_multiplier
 from sectional_moe.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+RNG_KEY = "rng_states"  # checkpoint key: a list with one capture_rng_state() per rank, by rank
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """This process's torch (CPU and each CUDA device), numpy and Python RNG states.
+
+    Tensors, ints, floats and lists only, so a checkpoint holding them loads with
+    ``torch.load(weights_only=True)`` (numpy's and Python's own state tuples would not).
+    CUDA states are read only if CUDA is in use: reading them would create a context otherwise.
+    """
+    _, keys, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    version, internal, py_gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": {"version": int(version), "state": list(internal), "gauss": py_gauss},
+    }
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state` (CUDA states only for the devices that exist here)."""
+    torch.set_rng_state(state["torch"].cpu())
+    cuda = list(state.get("cuda") or [])
+    if cuda and torch.cuda.is_available():
+        for index, cuda_state in enumerate(cuda[: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state.cpu(), index)
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].cpu().numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+
+
+def gather_rng_states() -> list[dict[str, Any]]:
+    """Every rank's :func:`capture_rng_state`, indexed by rank (a collective under DDP/FSDP:
+    Lightning assembles a checkpoint on all ranks, so all of them get here together)."""
+    mine = capture_rng_state()
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [mine]
+    states: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(states, mine)
+    return states
+
+
+def decoder_block_classes() -> set[type[nn.Module]]:
+    """The decoder block classes of all families (dense and MoE blocks, sectional blocks)."""
+    from sectional_moe.models.blocks import TransformerBlock
+    from sectional_moe.models.sectional import SectionalMoEBlock
+
+    return {TransformerBlock, SectionalMoEBlock}
+
+
+def fsdp_wrap_policy() -> Any:
+    """FSDP auto-wrap policy: one FSDP unit per decoder block (``conf/trainer/fsdp.yaml``).
+
+    A block's full parameters are then gathered just before it runs and freed after it, so a rank
+    holds one block's parameters at a time; the embedding, final norm and (tied) head stay in the
+    root unit. Also usable as ``activation_checkpointing_policy`` (recompute each block).
+    """
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    return ModuleWrapPolicy(decoder_block_classes())
 
 
 class LMModule(pl.LightningModule):
@@ -37,6 +112,7 @@ class LMModule(pl.LightningModule):
         self.save_hyperparameters()
         self.spec = ModelSpec.from_dict(spec)
         self.model = build_model(self.spec)
+        self.decay_names = decayed_names(self.model)  # before FSDP flattens the shapes that decide it
         if compile:
             self.model.compile()
         self.lb_coef, self.z_coef = self.spec.lb_loss_coef, self.spec.z_loss_coef
@@ -44,6 +120,7 @@ class LMModule(pl.LightningModule):
             setattr(self, f"{stage}_nll", SumMetric())
             setattr(self, f"{stage}_tokens", SumMetric())
         self.latest_aux: list[dict[str, torch.Tensor]] = []  # read by the expert-load callback
+        self._rng_to_restore: dict[str, Any] | None = None  # this rank's RNG state from a resumed checkpoint
 
     def forward(self, ids: torch.Tensor):
         return self.model(ids)
@@ -115,9 +192,28 @@ class LMModule(pl.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
 
+    # ------------------------------------------------------------------ RNG state in checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[RNG_KEY] = gather_rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get(RNG_KEY) or []
+        rank = self.global_rank
+        if rank < len(states):
+            self._rng_to_restore = states[rank]
+        elif states:  # e.g. resumed on more ranks than it was saved from: fresh streams there
+            log.warning("checkpoint has RNG states of %d ranks; rank %d keeps its seeded RNG", len(states), rank)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # restored here, not at load time: creating the train iterator draws a worker seed from
+        # the global RNG, which the uninterrupted run had done before it saved the checkpoint
+        if self._rng_to_restore is not None:
+            restore_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
+
     def configure_optimizers(self):
         o = self.hparams.optim
-        optimizer = build_optimizer(self.model, o, self.device.type)
+        optimizer = build_optimizer(self.model, o, self.device.type, self.decay_names)
         max_steps = int(self.hparams.max_steps)
 
         def multiplier(step: int) -> float:

@@ -9,6 +9,7 @@ logger appends across restarts instead of deleting earlier rows, as Lightning's 
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import re
 from pathlib import Path
@@ -18,6 +19,8 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
 from sectional_moe.runs import resolve_wandb_mode
+
+log = logging.getLogger(__name__)
 
 
 class _AppendingWriter(ExperimentWriter):
@@ -66,6 +69,7 @@ def build_loggers(cfg_logger: Mapping[str, Any], *, run_dir: Path, name: str, gr
     loggers: list[Logger] = []
     if "wandb" in cfg_logger:
         detach_inherited_wandb_service()
+        finish_leftover_wandb_run()
         w = dict(cfg_logger["wandb"])
         mode = resolve_wandb_mode(w.pop("mode", "auto"))
         loggers.append(
@@ -83,8 +87,9 @@ def build_loggers(cfg_logger: Mapping[str, Any], *, run_dir: Path, name: str, gr
                 **w,
             )
         )
-    if "csv" in cfg_logger:
-        loggers.append(AppendingCSVLogger(save_dir=str(run_dir), name=cfg_logger["csv"].get("name", "csv"), resume_step=resume_step))
+    if "csv" in cfg_logger or "wandb" in cfg_logger:  # CSV metrics always sit next to a W&B run
+        csv_cfg = cfg_logger.get("csv") or {}
+        loggers.append(AppendingCSVLogger(save_dir=str(run_dir), name=csv_cfg.get("name", "csv"), resume_step=resume_step))
     return loggers
 
 
@@ -104,6 +109,19 @@ def detach_inherited_wandb_service(environ: MutableMapping[str, str] | None = No
         del env["WANDB_SERVICE"]
         return True
     return False
+
+
+def finish_leftover_wandb_run() -> bool:
+    """Finish a W&B run still open in this process (a previous in-process job that did not close
+    it), so this job gets its own: Lightning's WandbLogger would silently reuse it (pitfall P2)."""
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is None or wandb.run is None:
+        return False
+    log.warning("finishing the W&B run %s left open in this process, so that this run gets its own", wandb.run.id)
+    wandb.finish()
+    return True
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -174,6 +192,6 @@ def scrub_secrets_in_files(directory: Path) -> None:
         text = path.read_text()
         clean = redact_text(text, secrets)
         if clean != text:
-            tmp = path.with_suffix(".tmp")
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # parallel jobs of a sweep scrub multirun.yaml too
             tmp.write_text(clean)
             os.replace(tmp, path)

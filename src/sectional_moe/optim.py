@@ -35,19 +35,44 @@ def lr_multiplier(step: int, *, schedule: str, warmup_steps: int, max_steps: int
     raise ValueError(f"unknown schedule {schedule!r}; use one of {SCHEDULES}")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices (2-D and stacked 3-D expert weights); never norms, which are vectors or
-    (E, 1, S) per-section scales."""
+# prefixes wrappers add to parameter names: FSDP, activation checkpointing, torch.compile
+_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def _plain_name(name: str) -> str:
+    for segment in _WRAPPER_SEGMENTS:
+        name = name.replace(segment, "")
+    return name
+
+
+def decayed_names(model: nn.Module) -> set[str]:
+    """Names of the parameters that get weight decay: matrices (2-D and stacked 3-D expert
+    weights), never norms, which are vectors or (E, 1, S) per-section scales.
+
+    Decided on the unwrapped model: FSDP flattens every parameter to a 1-D shard, after which the
+    shapes no longer tell a matrix from a norm.
+    """
+    out = set()
+    for name, p in model.named_parameters():
+        is_norm = p.dim() < 2 or "norm" in name.rsplit(".", 1)[-1] or (p.dim() == 3 and p.shape[1] == 1)
+        if not is_norm:
+            out.add(_plain_name(name))
+    return out
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_names: set[str] | None = None) -> list[dict[str, Any]]:
+    """A decay and a no-decay group. ``decay_names`` (from :func:`decayed_names` on the model
+    before any sharding wrapper) decides by name; without it the model's current shapes decide."""
+    names = decayed_names(model) if decay_names is None else decay_names
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        is_norm = p.dim() < 2 or "norm" in name.rsplit(".", 1)[-1] or (p.dim() == 3 and p.shape[1] == 1)
-        (no_decay if is_norm else decay).append(p)
+        if p.requires_grad:
+            (decay if _plain_name(name) in names else no_decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg: Mapping[str, Any], device_type: str) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: Mapping[str, Any], device_type: str,
+                    decay_names: set[str] | None = None) -> torch.optim.Optimizer:
     """AdamW with the fused kernel on CUDA and CPU (on CPU it is ~5x faster than foreach for a 28M
     model: the elementwise update was ~8 % of a step), foreach elsewhere."""
     kwargs: dict[str, Any] = dict(lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=cfg["eps"])
@@ -58,4 +83,4 @@ def build_optimizer(model: nn.Module, cfg: Mapping[str, Any], device_type: str) 
         kwargs["fused"] = True
     else:
         kwargs["foreach"] = True
-    return torch.optim.AdamW(param_groups(model, cfg["weight_decay"]), **kwargs)
+    return torch.optim.AdamW(param_groups(model, cfg["weight_decay"], decay_names), **kwargs)

@@ -1,9 +1,9 @@
 """Run identity: deterministic directories, W&B ids, names and groups.
 
-A run's output directory, its W&B id and its name are all derived from the same key (the
-command-line overrides and the seed), never from a timestamp. So two jobs of a sweep never
-collide, and a job restarted after a crash or a SLURM requeue finds its own checkpoint and
-continues the same W&B run.
+A run's output directory and its name are derived from the same key (the command-line
+overrides and the seed), never from a timestamp, so two jobs of a sweep never collide and a job
+restarted after a crash or a SLURM requeue finds its own directory. Its W&B id is drawn once and
+kept in that directory (``wandb_id``), so the restarted job continues the same W&B run.
 
 The OmegaConf resolvers used by ``conf/hydra/default.yaml`` are registered on import.
 """
@@ -67,9 +67,95 @@ def sweep_group(group: str | None, task_overrides: Iterable[str]) -> str:
     return _safe("sweep-" + "-".join(keys)) if keys else "sweep"
 
 
+def is_identity_key(key: str) -> bool:
+    """A flat config key (``trainer.max_steps``) that changes what a run computes."""
+    if key.startswith("callbacks.nan_guard."):  # its skip policy changes the training
+        return True
+    # measurement callbacks and the MFU denominator do not change what is computed
+    return (key not in NON_IDENTITY_KEYS and not key.startswith(NON_IDENTITY_PREFIXES + ("hardware.", "callbacks."))
+            and key not in ("train", "test"))
+
+
+IDENTITY_FILE = "run_config.json"  # the identity config of a finished run, next to its DONE marker
+WANDB_ID_FILE = "wandb_id"  # the W&B run id of this directory, drawn once and reused by every restart
+ARCHIVED = ("checkpoints", "csv", "wandb", "metrics.json", "status.json", "DONE", IDENTITY_FILE, "expert_load.json",
+            WANDB_ID_FILE)
+
+
+def record_identity_config(run_dir: Path, identity: dict) -> None:
+    """Write the identity config of a finished run (compared when the directory is reused)."""
+    import json
+
+    tmp = Path(run_dir) / f".{IDENTITY_FILE}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(identity, indent=1, sort_keys=True, default=str))
+    os.replace(tmp, Path(run_dir) / IDENTITY_FILE)
+
+
+def changed_identity_keys(run_dir: Path, identity: dict, limit: int = 6) -> list[str]:
+    """Keys whose value differs between ``identity`` and the finished run in ``run_dir``, as
+    ``key: old -> new`` (at most ``limit``); [] if equal or if the run recorded no config."""
+    import json
+
+    try:
+        saved = json.loads((Path(run_dir) / IDENTITY_FILE).read_text())
+    except (OSError, ValueError):
+        return []  # a run from before this check: nothing to compare against
+    new = json.loads(json.dumps(identity, default=str))  # the same JSON round trip as the saved copy
+    keys = sorted(k for k in set(saved) | set(new) if saved.get(k) != new.get(k))
+    return [f"{k}: {saved.get(k)!r} -> {new.get(k)!r}" for k in keys[:limit]] + (["..."] if len(keys) > limit else [])
+
+
+def archive_outputs(run_dir: Path) -> Path | None:
+    """Move a run directory's previous outputs into ``replaced/<n>/`` (``force=true``); the
+    Hydra config and log of the current launch stay. Returns the archive, or None if nothing moved."""
+    run_dir = Path(run_dir)
+    present = [run_dir / name for name in ARCHIVED if (run_dir / name).exists()]
+    if not present:
+        return None
+    n = 0
+    while (run_dir / "replaced" / str(n)).exists():
+        n += 1
+    dest = run_dir / "replaced" / str(n)
+    dest.mkdir(parents=True)
+    for path in present:
+        os.replace(path, dest / path.name)
+    return dest
+
+
 def wandb_run_id(task_name: str, group: str | None, key: str) -> str:
-    """Deterministic W&B id: the same run key always resumes the same W&B run."""
+    """The id derived from the run key alone: what runs made before :func:`run_dir_wandb_id`
+    used, and the fallback a report uses for a directory without a ``wandb_id`` file."""
     return hashlib.sha1(f"{task_name}|{group or ''}|{key}".encode()).hexdigest()[:16]
+
+
+def recorded_wandb_id(run_dir: Path) -> str | None:
+    """The W&B id a run directory recorded, if any."""
+    try:
+        return (Path(run_dir) / WANDB_ID_FILE).read_text().strip() or None
+    except OSError:
+        return None
+
+
+def run_dir_wandb_id(run_dir: Path, key_id: str, *, create: bool = True) -> str:
+    """The W&B id of the run in ``run_dir``: read from its ``wandb_id`` file, else drawn now and
+    written there (when ``create``; rank 0).
+
+    The id lives as long as the directory: a restart, requeue or resume continues the same W&B
+    run, while the same overrides in another checkout, by another user of the W&B project, or
+    after the outputs were deleted (or moved aside by ``force=true``) start a new one, which an
+    id derived from the overrides alone could not tell apart.
+    """
+    found = recorded_wandb_id(run_dir)
+    if found or not create:
+        return found or key_id
+    import uuid
+
+    new = hashlib.sha1(f"{key_id}|{uuid.uuid4()}".encode()).hexdigest()[:16]
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    tmp = Path(run_dir) / f".{WANDB_ID_FILE}.{os.getpid()}.tmp"
+    tmp.write_text(new + "\n")
+    os.replace(tmp, Path(run_dir) / WANDB_ID_FILE)
+    return new
 
 
 def wandb_api_key_configured() -> bool:

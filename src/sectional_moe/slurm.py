@@ -6,25 +6,30 @@ Who does what when a job is about to be stopped (one requeue mechanism per path,
   ``SIGUSR2`` ``signal_delay_s`` seconds before the time limit (or ``scancel --signal=USR2``
   preempts), submitit's handler calls the launcher's ``checkpoint()`` (same overrides, same job
   directory) and ``scontrol requeue``\\ s the task, at most ``max_num_timeout`` times for time
-  limits. In the plain sbatch path (``slurm/*.sbatch``) the batch script's trap does the same.
-* **Training only checkpoints.** :class:`PreemptionCheckpoint` catches the same ``SIGUSR2``,
-  saves ``<run dir>/checkpoints/last.ckpt`` at the next optimiser-step boundary (all ranks agree
-  on the step, so the collective save cannot deadlock) and then hands the signal on: to
-  submitit's handler if there is one, else it exits so that the batch script can requeue.
+  limits. In the plain sbatch path (``slurm/*.sbatch``) the batch script does it
+  (``slurm/requeue.sh``) when the training exits with :data:`EXIT_PREEMPTED`.
+* **Training only checkpoints.** :class:`PreemptionCheckpoint` catches ``SIGUSR2`` and
+  ``SIGTERM``, saves ``<run dir>/checkpoints/last.ckpt`` at the next optimiser-step boundary (all
+  ranks agree on the step, so the collective save cannot deadlock), then hands over: to
+  submitit's handler if there is one, and exits with :data:`EXIT_PREEMPTED`. After a SIGTERM it
+  asks for a requeue only while SLURM still lists the job as running (preemption with a grace
+  time); a cancel, a time limit or an external requeue is left to SLURM.
 * **Lightning's own SLURM auto-requeue is off** (:func:`cluster_plugins`): it would save an
   ``hpc_ckpt_N.ckpt`` that ``resume=auto`` never reads, from inside the signal handler (mid-step,
   with collectives), and requeue a second time (ecosystem.md pitfall P5).
 
-Whatever stopped the job (also an external ``scontrol requeue``, which sends no warning signal),
-the rerun starts in the same deterministic run directory and ``resume=auto`` continues from its
-``last.ckpt``: model, optimiser, scheduler, data position, and the same W&B run id.
+Whatever stopped the job (also a ``SIGKILL`` with no warning), the rerun starts in the same
+deterministic run directory and ``resume=auto`` continues from its ``last.ckpt``: model,
+optimiser, scheduler, data position, and the same W&B run id.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,7 +44,7 @@ log = logging.getLogger("sectional_moe")
 
 # submitit's preemption signal (it reads the same variable); NCCL may use USR1, so USR2 everywhere
 PREEMPT_SIGNAL_ENV = "SUBMITIT_PREEMPT_SIGNAL"
-EXIT_PREEMPTED = 143  # what a SIGTERM'd process returns: the batch script then requeues
+EXIT_PREEMPTED = 143  # 128 + SIGTERM, what a SIGTERM-killed process returns too; the batch script requeues on it
 
 
 def global_rank() -> int:
@@ -102,20 +107,62 @@ def preempt_signal() -> signal.Signals:
         raise ConfigError(PREEMPT_SIGNAL_ENV, f"{PREEMPT_SIGNAL_ENV}={name!r} is not a signal name; use USR2 (or unset it)") from None
 
 
+def slurm_job_id() -> str | None:
+    """This job's id as squeue and scontrol take it, or None outside SLURM.
+
+    ``<array id>_<task>`` for an array task: its own ``SLURM_JOB_ID`` can equal the array's id,
+    and that id names every task of the array.
+    """
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    return f"{array}_{task}" if array and task else os.environ.get("SLURM_JOB_ID")
+
+
+def slurm_job_state(job_id: str | None = None) -> str | None:
+    """SLURM's current state of a job (default: this one): ``RUNNING``, ``COMPLETING``, ...; None if unknown.
+
+    After ``scancel``, a time limit or ``scontrol requeue`` the job is ``COMPLETING`` while its
+    processes get SIGTERM; a SIGTERM sent as a warning (preemption with a grace time,
+    ``scancel --signal=TERM``) leaves it ``RUNNING``.
+    """
+    job_id = job_id or slurm_job_id()
+    if not job_id:
+        return None
+    try:
+        proc = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    states = proc.stdout.split()
+    return states[0] if proc.returncode == 0 and len(states) == 1 else None
+
+
 class PreemptionCheckpoint(pl.Callback):
     """SLURM signal handling of a training job (installed only inside a SLURM job).
 
-    * ``SIGUSR2`` (the time-limit warning, or ``scancel --signal=USR2``): save ``last.ckpt`` at the
-      next optimiser step, then hand over to the launcher's requeue (see the module doc). The
-      handler only sets a flag: saving inside it could snapshot a half-applied optimiser step
-      and would run collectives from a signal context. The ranks OR their flags after every
-      optimiser step (one tiny all-reduce per step under DDP, nothing on one process), so they
-      all save at the same step.
-    * ``SIGTERM``: SLURM is cancelling or requeueing the job and sends SIGKILL ``KillWait``
-      seconds later. Lightning's own reaction (stop training, raise) would make the job *return*:
-      submitit would then record a result and the launcher stop waiting for a requeued task, and
-      the run would be marked failed. So the process just waits for the kill, writing nothing;
-      a requeued run resumes from its last checkpoint.
+    Both signals below only set a flag: saving inside the handler could snapshot a half-applied
+    optimiser step and would run collectives from a signal context. After every optimiser step
+    the ranks OR their flags (one tiny all-reduce under DDP, nothing on one process), so they all
+    save ``last.ckpt`` at the same step; then the process exits with :data:`EXIT_PREEMPTED`. It
+    never returns: a returned result would make submitit stop waiting for a requeued task.
+
+    * The preemption signal (``SIGUSR2``; the time-limit warning or ``scancel --signal=USR2``):
+      save, then hand over to whoever requeues (module doc): submitit's handler, or the batch
+      script, which sees the exit code.
+    * ``SIGTERM``: SLURM preempts (with a grace time), cancels, requeues or times out the job and
+      sends SIGKILL ``KillWait`` (or ``GraceTime``) seconds later. Save the same way, then
+      requeue only if SLURM still lists the job ``RUNNING`` (a warning: preemption with a grace
+      time). Any other state means SLURM is ending or requeueing the job itself, and a
+      ``scontrol requeue`` now would bring a ``scancel``-ed job back. The batch scripts apply the
+      same rule.
+
+    SLURM signals every process of the job, so after a SIGTERM (and right after submitit's
+    requeue, which SIGTERMs the job) W&B's service and any DataLoader worker are gone. The usual
+    teardown would then raise and turn the stop into a failure and a submitit result, so in
+    those cases the process closes W&B while it can, flushes the other loggers and leaves with
+    ``os._exit``. If a dead service makes training fail before the step ends, the job leaves the
+    same way without a new checkpoint, and the rerun resumes from the previous one.
+
+    A signal during testing (after training) is not acted on: the job finishes or is killed, and a
+    rerun resumes from ``last.ckpt``.
 
     Args:
         ckpt_path: where to save; ``None`` = ``<checkpoint callback dirpath>/last.ckpt``, i.e. the
@@ -127,7 +174,40 @@ class PreemptionCheckpoint(pl.Callback):
         self.signum: signal.Signals | None = None
         self._previous: Any = None  # the preemption signal's handler before ours (submitit's)
         self._saved: dict[int, Any] = {}
-        self._pending = False
+        self._received: set[signal.Signals] = set()
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # First in the hook order, so that after a SIGTERM the checkpoint is saved before any
+        # logging callback's on_train_batch_end calls the (dead) W&B service. Moving ourselves
+        # to the front while Lightning iterates the list keeps the callbacks after us in place.
+        if trainer.callbacks and trainer.callbacks[0] is not self and self in trainer.callbacks:
+            trainer.callbacks.remove(self)
+            trainer.callbacks.insert(0, self)
+        # A metrics call that was on its way to W&B's service when SLURM's SIGTERM stopped it must
+        # not fail the step whose checkpoint is about to be saved.
+        for logger in trainer.loggers:
+            if not getattr(logger.log_metrics, "_smoe_guarded", False):
+                logger.log_metrics = self._tolerate_after_sigterm(logger.log_metrics)
+
+    def _tolerate_after_sigterm(self, log_metrics: Any) -> Any:
+        """``log_metrics`` that drops the row instead of raising once the job got SIGTERM."""
+
+        @functools.wraps(log_metrics)
+        def guarded(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return log_metrics(*args, **kwargs)
+            except Exception as err:
+                # the service may have got the signal a moment before this process did
+                deadline = time.monotonic() + 0.5
+                while signal.SIGTERM not in self._received and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                if signal.SIGTERM not in self._received:
+                    raise
+                log.warning("metrics row dropped after SIGTERM: %s: %s", type(err).__name__, err)
+                return None
+
+        guarded._smoe_guarded = True  # type: ignore[attr-defined]
+        return guarded
 
     # Lightning installs its own SIGTERM handler when fit/test starts (after `setup`), so ours go
     # in at the start of each stage and come out at its teardown.
@@ -135,33 +215,27 @@ class PreemptionCheckpoint(pl.Callback):
         if self._saved:
             return
         self.signum = preempt_signal()
-        for sig, handler in ((self.signum, self._on_signal), (signal.SIGTERM, self._on_sigterm)):
+        for sig in (self.signum, signal.SIGTERM):
             self._saved[int(sig)] = signal.getsignal(sig)
-            signal.signal(sig, handler)
+            signal.signal(sig, self._on_signal)
         self._previous = self._saved[int(self.signum)]
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._install()
 
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._install()
+        self._install()  # keeps Lightning's SIGTERM handler from failing the run during testing
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        ours = {self._on_signal, self._on_sigterm}
         for sig, handler in self._saved.items():
-            if signal.getsignal(sig) in ours:  # Lightning may already have restored its originals
+            if signal.getsignal(sig) == self._on_signal:  # Lightning may already have restored its originals
                 signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         self._saved.clear()
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        log.warning("received %s: saving a checkpoint after this step, then requeueing", signal.Signals(signum).name)
-        self._pending = True
-
-    def _on_sigterm(self, signum: int, frame: Any) -> None:
-        log.warning("received SIGTERM: SLURM is cancelling or requeueing this job; waiting for the kill "
-                    "without writing anything (a requeued run resumes from its last checkpoint)")
-        while True:  # SIGKILL ends this; returning would let training go on and report a result
-            time.sleep(60)
+        sig = signal.Signals(signum)
+        log.warning("received %s: saving a checkpoint after this step", sig.name)
+        self._received.add(sig)
 
     def target(self, trainer: pl.Trainer) -> Path:
         if self.ckpt_path:
@@ -173,26 +247,83 @@ class PreemptionCheckpoint(pl.Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         if (batch_idx + 1) % max(1, trainer.accumulate_grad_batches):
             return  # mid-accumulation: no optimiser step to resume from
-        if not trainer.strategy.reduce_boolean_decision(self._pending, all=False):
+        if not trainer.strategy.reduce_boolean_decision(bool(self._received), all=False):
             return
         path = self.target(trainer)
         if trainer.is_global_zero and path.is_symlink():  # save_last="link": never write through the link
             path.unlink()
         trainer.save_checkpoint(str(path))
         log.warning("preemption checkpoint at step %d: %s", trainer.global_step, path)
-        if trainer.is_global_zero:
+        self._leave(trainer, path.parent.parent, f"at step {trainer.global_step}", f"resumes from {path.name}")
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if signal.SIGTERM not in self._received or isinstance(exception, SystemExit):
+            return  # a real error (or our own exit): train.main records it
+        log.warning("training failed after SIGTERM (%s: %s), most likely on a process SLURM stopped too; "
+                    "leaving as preempted without a new checkpoint", type(exception).__name__, exception)
+        self._leave(trainer, self.target(trainer).parent.parent, "before the step ended", "resumes from the previous last.ckpt")
+
+    def _leave(self, trainer: pl.Trainer, run_dir: Path, when: str, resume: str) -> None:
+        """Record the stop, hand over to the requeue owner, exit with EXIT_PREEMPTED (never returns)."""
+        sig = self.signum if self.signum in self._received else signal.SIGTERM
+        requeue = False
+        if trainer.is_global_zero:  # submitit requeues from rank 0 only; the status is rank 0's too
             from sectional_moe.sweeps import write_status
 
-            write_status(path.parent.parent, "requeued", f"preempted at step {trainer.global_step}; resumes from {path.name}")
-        self._hand_over(trainer)
-
-    def _hand_over(self, trainer: pl.Trainer) -> None:
-        """Give the signal to whoever requeues: submitit's handler, else exit for the batch script."""
-        previous = self._previous
-        if callable(previous) and self.signum is not None:
-            previous(int(self.signum), None)  # submitit: checkpoint() + scontrol requeue + sys.exit on rank 0
-        # other ranks (submitit requeues from rank 0 only), and the plain sbatch path
+            requeue, why = self._should_requeue(sig)
+            write_status(run_dir, "requeued" if requeue else "stopped", f"{sig.name} {when}: {why}; {resume}")
+        by_submitit = requeue and callable(self._previous)
+        # After a SIGTERM, or once submitit has requeued the job (SLURM then SIGTERMs every process
+        # of it), W&B's service and any DataLoader worker are gone or about to be: the usual
+        # teardown would fail on them and turn the stop into a failure (and a submitit result).
+        # So flush what can be flushed and leave with os._exit.
+        hard = signal.SIGTERM in self._received or by_submitit
+        if hard:
+            if signal.SIGTERM not in self._received:
+                _close_wandb_preempting()  # while its service still runs
+            for logger in trainer.loggers:  # the CSV rows still in memory
+                try:
+                    logger.save()
+                except Exception as err:  # noqa: BLE001 - W&B's service may be gone; the others still count
+                    log.warning("could not flush %s: %s", type(logger).__name__, err)
+        if by_submitit:
+            try:
+                self._previous(int(sig), None)  # submitit: checkpoint() + scontrol requeue + sys.exit
+            except SystemExit:
+                pass  # requeued; we exit with our own code below
+        if hard:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            logging.shutdown()
+            os._exit(EXIT_PREEMPTED)
+        # the plain sbatch path (its batch script requeues on this exit code) and ranks > 0:
+        # a normal exit, so train.main closes W&B as preempted
         raise SystemExit(EXIT_PREEMPTED)
+
+    def _should_requeue(self, sig: signal.Signals) -> tuple[bool, str]:
+        """Whether this job should be requeued after ``sig``, and why (for the status file)."""
+        if sig != signal.SIGTERM:
+            return True, "time-limit warning or preemption"
+        state = slurm_job_state()
+        if state == "RUNNING":
+            return True, "preempted with a grace time"
+        log.warning("SIGTERM while SLURM lists the job as %s: SLURM cancels, times out or requeues it itself; "
+                    "not requeueing here", state or "unknown")
+        return False, f"SLURM ends the job itself (state {state or 'unknown'}), not requeued here"
+
+
+def _close_wandb_preempting() -> None:
+    """Mark the W&B run preempting and close it (the requeued job continues the same run id)."""
+    wandb = sys.modules.get("wandb")
+    if wandb is None or wandb.run is None:
+        return
+    try:
+        mark = getattr(wandb.run, "mark_preempting", None)
+        if callable(mark):
+            mark()
+        wandb.finish(exit_code=0)
+    except Exception as err:  # noqa: BLE001 - the checkpoint is what the rerun needs; W&B resumes from its own state
+        log.warning("could not close the W&B run before the requeue: %s", err)
 
 
 def cluster_callbacks() -> list[pl.Callback]:

@@ -24,14 +24,30 @@ from omegaconf import DictConfig, OmegaConf
 
 from sectional_moe import runs
 
+# sectional_moe.loggers and .slurm import Lightning (3 s); they are imported where used, so that
+# launch.py and studies.py, which only need expand_sweep, start fast
+
 STATUS_FILE = "status.json"
 
 
 def write_status(run_dir: Path, state: str, error: str | None = None, **extra: Any) -> None:
-    """Atomically record a job's state (temp file + rename, so a reader never sees half a file)."""
+    """Atomically record a job's state (temp file + rename, so a reader never sees half a file).
+
+    Only rank 0 writes: every rank of a DDP job runs the same failure paths in ``train.main``,
+    and a second writer would race the first and bump ``attempt`` twice. Secrets in the error
+    text (e.g. an override resolved from ``${oc.env:...}``) are redacted.
+    """
+    from sectional_moe.loggers import redact_text
+    from sectional_moe.slurm import is_rank_zero, slurm_job_id
+
+    if not is_rank_zero():
+        return
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / STATUS_FILE
     previous = read_status(run_dir) or {}
+    if error is not None:
+        error = redact_text(error)
+    extra = {k: redact_text(v) if isinstance(v, str) else v for k, v in extra.items()}
     status = {
         "state": state,
         "error": error,
@@ -39,15 +55,18 @@ def write_status(run_dir: Path, state: str, error: str | None = None, **extra: A
         "started": previous.get("started") if state != "running" else time.strftime("%Y-%m-%dT%H:%M:%S"),
         "attempt": previous.get("attempt", 0) + (1 if state == "running" else 0),
         "host": socket.gethostname(),
-        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "slurm_job_id": slurm_job_id(),
         **extra,
     }
-    tmp = path.with_suffix(".tmp")
+    # a temp name of this process's own: two writers (a requeued attempt overlapping the old one,
+    # a stray rank) never rename each other's half-written file
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(status, indent=1))
     os.replace(tmp, path)
 
 
 def read_status(run_dir: Path) -> dict[str, Any] | None:
+    """The job's last recorded status, or None if there is none (or it cannot be read)."""
     try:
         return json.loads((run_dir / STATUS_FILE).read_text())
     except (OSError, json.JSONDecodeError):
@@ -82,24 +101,37 @@ def _dirs_by_overrides(sweep_dir: Path) -> dict[frozenset[str], Path]:
             recorded = yaml.safe_load(path.read_text()) or []
         except (OSError, yaml.YAMLError):  # a half-written file: fall back to the computed name
             continue
-        found[frozenset(str(o) for o in recorded)] = path.parent.parent
+        found[_override_key_set(str(o) for o in recorded)] = path.parent.parent
     return found
 
 
+def _override_key_set(overrides: Any) -> frozenset[str]:
+    from sectional_moe.loggers import redact_text
+
+    # redacted on both sides: the job's scrubbed overrides.yaml still matches a literal secret
+    return frozenset(redact_text(o) for o in overrides)
+
+
 def sweep_table(sweep_dir: Path, jobs: list[list[str]], exclude_keys: list[str], seed: Any) -> list[dict[str, Any]]:
+    """One row per job of the sweep: its overrides, directory, state and error (secrets redacted)."""
+    from sectional_moe.loggers import redact_text
+
     recorded = _dirs_by_overrides(sweep_dir)
     rows = []
     for overrides in jobs:
-        run_dir = recorded.get(frozenset(overrides)) or sweep_dir / job_dirname(overrides, exclude_keys, seed)
+        run_dir = recorded.get(_override_key_set(overrides)) or sweep_dir / job_dirname(overrides, exclude_keys, seed)
         status = read_status(run_dir) or {}
         state = status.get("state", "not started")
         if state == "running":
             state = "unfinished"  # killed (OOM, time limit) before it could record an outcome
-        rows.append({"job": " ".join(overrides) or "(no overrides)", "dir": str(run_dir), "state": state, "error": status.get("error")})
+        error = status.get("error")
+        rows.append({"job": redact_text(" ".join(overrides)) or "(no overrides)", "dir": redact_text(str(run_dir)),
+                     "state": state, "error": redact_text(error) if error else error})
     return rows
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
+    """The rows of :func:`sweep_table` as a fixed-width text table (first line of each error)."""
     width = max([len(r["job"]) for r in rows] + [3])
     lines = [f"{'job':<{width}}  state       error"]
     for r in rows:
@@ -124,11 +156,18 @@ class SweepSummary(Callback):
             sys.exit(2)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from sectional_moe.loggers import scrub_secrets_in_files
+
         hydra_cfg = config.hydra
         sweep_dir = Path(str(hydra_cfg.sweep.dir))
         exclude = list(OmegaConf.select(hydra_cfg, "job.config.override_dirname.exclude_keys") or [])
-        jobs = expand_sweep(list(hydra_cfg.overrides.task))
+        # unresolved: reading the ListConfig would resolve ${oc.env:...} in the values, printing a
+        # secret and no longer matching the overrides the jobs recorded
+        task = OmegaConf.to_container(hydra_cfg.overrides.task, resolve=False)
+        assert isinstance(task, list)
+        jobs = expand_sweep([str(o) for o in task])
         rows = sweep_table(sweep_dir, jobs, exclude, config.get("seed"))
+        scrub_secrets_in_files(sweep_dir)  # multirun.yaml holds the command line verbatim
         (sweep_dir / "summary.json").write_text(json.dumps(rows, indent=1))
         print(f"\nsweep summary ({sweep_dir}):\n{format_table(rows)}", flush=True)
         bad = [r for r in rows if r["state"] != "done"]

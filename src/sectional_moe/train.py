@@ -28,11 +28,11 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from sectional_moe import runs
+from sectional_moe import runs, wandb_files
 from sectional_moe.callbacks.nan_guard import NonFiniteError
 from sectional_moe.checkpointing import AtomicCheckpointIO, check_compatible, select_resume_checkpoint
 from sectional_moe.config import resolve_compile, resolve_precision, validate_config
-from sectional_moe.errors import ConfigError
+from sectional_moe.errors import ConfigError, StaleRunError
 from sectional_moe.flops import flops_per_token, param_counts
 from sectional_moe.lit import LMModule
 from sectional_moe.loggers import build_loggers, flatten, redact_secrets, redact_text, scrub_secrets_in_files
@@ -86,6 +86,8 @@ def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     kw = OmegaConf.to_container(cfg.trainer, resolve=True)
     assert isinstance(kw, dict)
     kw["precision"] = resolve_precision(cfg.trainer)
+    if isinstance(kw.get("strategy"), dict):  # e.g. conf/trainer/fsdp.yaml: a Strategy object with its wrap policy
+        kw["strategy"] = instantiate(cfg.trainer.strategy)
     if kw.get("limit_train_batches") is None:
         kw.pop("limit_train_batches", None)
     return kw
@@ -127,6 +129,16 @@ def logged_config(cfg: DictConfig, spec: ModelSpec, extra: dict[str, Any]) -> di
     return flat
 
 
+def identity_config(cfg: DictConfig) -> dict[str, Any]:
+    """The flat resolved config minus what does not change the computation (paths, loggers, force,
+    resume, ...): what a finished run directory is checked against before it is reused."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(container, dict)
+    container.pop("hydra", None)
+    flat = redact_secrets(flatten(container))
+    return {k: v for k, v in flat.items() if runs.is_identity_key(k)}
+
+
 def derived_quantities(spec: ModelSpec, cfg: DictConfig, world_size: int) -> dict[str, Any]:
     p = param_counts(spec)
     tokens_per_step = int(cfg.data.batch_size) * spec.seq_len * world_size * int(cfg.trainer.accumulate_grad_batches)
@@ -146,20 +158,34 @@ def derived_quantities(spec: ModelSpec, cfg: DictConfig, world_size: int) -> dic
 def train(cfg: DictConfig) -> dict[str, float]:
     """Run one training job described by a composed config; return its final metrics."""
     torch.set_flush_denormal(True)  # denormal gradients made CPU matmuls 3.7x slower (environment.md 6.2)
+    if cluster.is_rank_zero():
+        # Hydra saved the command line and config before we ran: scrub them before anything can
+        # fail, so that not even a config error leaves a secret in .hydra/ or the sweep's multirun.yaml
+        scrub_secrets_in_files(Path(cfg.paths.output_dir) / ".hydra")
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            scrub_secrets_in_files(Path(HydraConfig.get().sweep.dir))
     spec = validate_config(cfg)
     run = run_info(cfg)
     out = run.output_dir
     done = out / DONE_MARKER
-    if done.is_file() and not cfg.get("force", False):
+    force = bool(cfg.get("force", False))
+    if done.is_file() and not force:
+        changed = runs.changed_identity_keys(out, identity_config(cfg))
+        if changed:
+            raise StaleRunError("force", f"{out} holds a finished run whose config differs in {', '.join(changed)}; pass "
+                              "force=true to re-run it there (the old outputs move to replaced/), or set another task_name or group")
         log.info("run %s already finished (%s); nothing to do (force=true re-runs it)", run.key, done)
         return json.loads(done.read_text())
+    if force and cluster.is_rank_zero():
+        moved = runs.archive_outputs(out)  # force starts over; the finished work is kept, not deleted
+        if moved:
+            log.info("force=true: the previous outputs of %s moved to %s", run.key, moved)
     cluster.quiet_non_zero_ranks()  # every rank runs the app in this run dir; only rank 0 writes train.log
     if cluster.is_rank_zero():
         write_status(out, "running")
-        scrub_secrets_in_files(out / ".hydra")  # Hydra saved the config before we ran; no secret stays in it
 
     # the checkpoint is verified (and a corrupt last.ckpt replaced by the previous one) before any compute
-    ckpt_path, ckpt_state = select_resume_checkpoint(cfg.get("resume", "auto"), out)
+    ckpt_path, ckpt_state = select_resume_checkpoint("never" if force else cfg.get("resume", "auto"), out)
     if ckpt_state is not None:  # model shape now; the vocabulary once the tokenizer is known
         saved_vocab = (ckpt_state.get("hyper_parameters") or {}).get("spec", {}).get("vocab_size")
         check_compatible(ckpt_state, {**spec.to_dict(), "vocab_size": saved_vocab}, str(ckpt_path))
@@ -181,8 +207,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
         checkpoint_io.preload(str(ckpt_path), ckpt_state)  # Lightning gets the verified copy, no second read
         ckpt_state = None
     module = LMModule(spec.to_dict(), OmegaConf.to_container(cfg.optim, resolve=True), int(cfg.trainer.max_steps), resolve_compile(cfg))
+    wandb_id = runs.run_dir_wandb_id(out, run.wandb_id, create=cluster.is_rank_zero() and "wandb" in (cfg.get("logger") or {}))
     loggers = build_loggers(
-        cfg.get("logger") or {}, run_dir=out, name=run.name, group=run.group, wandb_id=run.wandb_id,
+        cfg.get("logger") or {}, run_dir=out, name=run.name, group=run.group, wandb_id=wandb_id,
         tags=list(cfg.get("tags") or []), resume_step=resume_step,
     )
     callbacks = build_callbacks(cfg, has_logger=bool(loggers)) + cluster.cluster_callbacks()
@@ -222,6 +249,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if trainer.is_global_zero:
         out.mkdir(parents=True, exist_ok=True)
         (out / METRICS_FILE).write_text(json.dumps(metrics, indent=1, sort_keys=True))
+        runs.record_identity_config(out, identity_config(cfg))
         done.write_text(json.dumps(metrics))
         write_status(out, "done")
         print(_summary_line(run.name, metrics, dm), flush=True)
@@ -253,13 +281,22 @@ def main(cfg: DictConfig) -> float | None:
     """
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     run_dir = Path(cfg.paths.output_dir)
-    failed = True
+    failed, preempted = True, False
     try:
         metrics = train(cfg)
         failed = False
+    except SystemExit as err:
+        if err.code == cluster.EXIT_PREEMPTED:  # PreemptionCheckpoint saved last.ckpt; the job is requeued
+            preempted = True
+            from sectional_moe.sweeps import read_status
+
+            if (read_status(run_dir) or {}).get("state") != "requeued":  # keep the callback's "at step N"
+                write_status(run_dir, "requeued", "preempted; resumes from checkpoints/last.ckpt")
+        raise
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
-        write_status(run_dir, "failed", str(err))
+        if not isinstance(err, StaleRunError):  # the finished run it refused to reuse stays "done"
+            write_status(run_dir, "failed", str(err))
         if multirun:
             return None
         sys.exit(2)
@@ -277,7 +314,10 @@ def main(cfg: DictConfig) -> float | None:
             return None
         raise
     finally:
-        _finish_wandb(exit_code=1 if failed else 0)
+        if preempted:
+            _finish_wandb(exit_code=0, preempting=True)
+        else:
+            _finish_wandb(exit_code=1 if failed else 0)
     return metrics.get("val/loss_best", metrics.get("val/loss"))
 
 
@@ -295,11 +335,28 @@ def check_cli_or_exit(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
         sys.exit(2)
 
 
-def _finish_wandb(exit_code: int = 0) -> None:
+def _finish_wandb(exit_code: int = 0, preempting: bool = False) -> None:
     """Close the W&B run so the next job of an in-process multirun starts its own (pitfall P2).
 
     A non-zero ``exit_code`` marks the W&B run *failed* (not *finished*) on the dashboard.
+    ``preempting``: the job was preempted and is being requeued, so the run is marked preempting
+    (where this wandb version has it) and closed without the failed state; the requeued job
+    continues the same run id.
     """
     wandb = sys.modules.get("wandb")
-    if wandb is not None and wandb.run is not None:
+    if wandb is None or wandb.run is None:
+        return
+    settings = getattr(wandb.run, "settings", None)
+    run_file = getattr(settings, "sync_file", None) if getattr(settings, "mode", None) == "offline" else None
+    try:
+        if preempting:
+            mark = getattr(wandb.run, "mark_preempting", None)
+            if callable(mark):
+                mark()
+            exit_code = 0
         wandb.finish(exit_code=exit_code)
+    except Exception as err:  # noqa: BLE001 - a dead wandb-core (killed with the job) must not mask the run's outcome
+        log.warning("could not close the W&B run cleanly (%s: %s); its local files hold what was logged", type(err).__name__, err)
+        return
+    if run_file and not wandb_files.wait_until_written(run_file):
+        log.warning("W&B had not finished writing %s after 30 s; a report read now may miss its last records", run_file)

@@ -125,3 +125,36 @@ def read_run(path: str | Path) -> dict[str, Any]:
         elif kind == "exit":
             out["exit_code"] = rec.exit.exit_code
     return out
+
+
+def has_exit_record(path: str | Path) -> bool:
+    """True once a run file holds its exit record (the run was finished and fully written)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    try:
+        records = list(iter_raw_records(path))
+    except (OSError, ValueError):  # not created yet, or only its header so far
+        return False
+    for raw in reversed(records):
+        rec = pb.Record()
+        rec.ParseFromString(raw)
+        if rec.WhichOneof("record_type") == "exit":
+            return True
+    return False
+
+
+def wait_until_written(path: str | Path, timeout_s: float = 30.0, poll_s: float = 0.1) -> bool:
+    """Wait until the run file ``path`` holds its exit record; False after ``timeout_s``.
+
+    ``wandb.finish()`` can return before wandb-core has written the run's records (seen under CPU
+    load: the file still held only its 7-byte header), so a reader right after it, or the next
+    job, could see an empty run. The exit record is written last.
+    """
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not has_exit_record(path):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(poll_s)
+    return True

@@ -113,6 +113,12 @@ def test_fit_kappa_cli(capsys, tmp_path):
     assert cli.main(["fit", "kappa", str(path)]) == 0
     text = capsys.readouterr().out
     assert "preferred by AIC: quadratic" in text and "E_opt measured" in text and "E_opt predicted" in text
+    # the exact compute of each run as g(E): same κ here (the column is R1's fraction), no S(E) prediction
+    pd.DataFrame({"experts": E, "step_time": t, "flops": 5e6 * cm.r1_qkv_cost_fraction(E, view="summed")}).to_csv(path, index=False)
+    out = run_json(capsys, "fit", "kappa", str(path), "--work-col", "flops")
+    assert out["compute_term"] == "exact" and out["kappa"] == pytest.approx(2e-3, rel=0.05) and out["predicted"] is None
+    assert cli.main(["fit", "kappa", str(path), "--work-col", "flops"]) == 0
+    assert "exact compute from column 'flops'" in capsys.readouterr().out
 
 
 def test_fit_law_and_clark_cli(capsys, tmp_path):
@@ -133,8 +139,8 @@ def test_fit_law_and_clark_cli(capsys, tmp_path):
 def test_plan_cli_human_and_json(capsys):
     assert cli.main(["plan", "--budget", "1e18", "--family", "sectional"]) == 0
     text = capsys.readouterr().out
-    assert "Wan, Han, Zhang, Jin 2026" in text and "python train.py -m model=sectional experts=4" in text
-    assert "group=plan_1e18" in text
+    assert "Wan, Han, Zhang, Jin 2026" in text and "python train.py -m model=sectional experts=16" in text
+    assert "group=plan_1e18" in text and "DeepSeek LLM" in text and "[I] assumption" in text
     out = run_json(capsys, "plan", "--budget", "1e17", "--family", "dense", "--seq-len", "128", "--batch-size", "8")
     assert out["law"] == "chinchilla" and out["runs"][0]["seq_len"] == 128 and "data.batch_size=8" in out["commands"][0]
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from sectional_moe.theory import cost_model as cm
+from tests.theory.printed import assert_printed
 
 REL = 1e-3
 D0, L = 4096, 2048
@@ -37,7 +38,7 @@ def test_a_trad_worked_example_matches_paper_notes():
     # B_trad is printed to 3 significant digits (1.72e10, 3.44e10); exact values are 2^34 and 2^35
     assert cm.attention_cost_traditional(d_model=D0, seq_len=L) == 2**34
     assert cm.attention_cost_traditional(d_model=D0, seq_len=L, include_av=True) == 2**35
-    assert cm.attention_cost_traditional(d_model=D0, seq_len=L) == pytest.approx(1.72e10, rel=3e-3)
+    assert_printed(cm.attention_cost_traditional(d_model=D0, seq_len=L), "1.72e10")
 
 
 def test_reduction_table_reproduces_paper_notes_first_table():
@@ -51,9 +52,10 @@ def test_reduction_table_reproduces_paper_notes_first_table():
 
 def test_r1_terms_at_e8_match_paper_notes():
     t = cm.r1_qkv_terms(d_model=D0, seq_len=L, experts=8)
-    assert t["A_pre"] == pytest.approx(1.29e10, rel=REL * 3)  # printed to 3 significant digits
-    assert t["A_expert"] == pytest.approx(2.01e8, rel=REL * 3)
-    assert t["A_sect_parallel"] == pytest.approx(1.31e10, rel=REL * 3)
+    # printed to 3 significant digits: compare at that precision
+    assert_printed(t["A_pre"], "1.29e10")
+    assert_printed(t["A_expert"], "2.01e8")
+    assert_printed(t["A_sect_parallel"], "1.31e10")
     assert t["A_trad"] / t["A_sect_parallel"] == pytest.approx(7.877, rel=REL)
     assert t["A_trad"] / t["A_sect_summed"] == pytest.approx(cm.r1_summed_qkv_factor(8), rel=1e-12)
 
@@ -186,3 +188,48 @@ def test_fit_kappa_overhead_mode_subtracts_the_compute_column():
 def test_fit_kappa_rejects_too_few_points():
     with pytest.raises(ValueError, match="distinct E"):
         cm.fit_kappa(experts=[1, 2], step_time=[1.0, 0.8])
+
+
+def _fixed_r_flops(E: np.ndarray, r: int = 2) -> np.ndarray:
+    """FLOPs per token of a fixed-r sectional stack, relative units: half the layers dense, the
+    other half a pre-expert layer on L/r positions plus E experts on d/E sections (summed)."""
+    return 0.5 + 0.5 * (1.0 / r + 1.0 / E)
+
+
+def test_fit_kappa_with_the_exact_compute_recovers_kappa_where_r1_is_biased():
+    """With a fixed seq_reduction the compute does not follow R1's 1/E + 1/E²; the exact per-run
+    compute as g(E) recovers the overhead, the R1 fallback does not."""
+    work = _fixed_r_flops(SWEEP) * 3e6  # any unit: the fit divides by the maximum
+    rng = np.random.default_rng(3)
+    t = 0.05 + 2.0 * work / work.max() + 1e-3 * SWEEP**2 + rng.normal(0.0, 0.002, SWEEP.size)
+    exact = cm.fit_kappa(experts=SWEEP, step_time=t, compute=work)
+    r1 = cm.fit_kappa(experts=SWEEP, step_time=t)
+    assert exact.compute_term == "exact" and r1.compute_term == "r1_summed"
+    assert exact.kappa == pytest.approx(1e-3, rel=0.03) and abs(exact.kappa - 1e-3) < 4 * exact.kappa_se
+    assert exact.models["quadratic"].coef["a"] == pytest.approx(2.0, rel=0.03)
+    # R1's compute curve has the wrong shape: κ > 3 standard errors off, a 100x worse fit, a wrong E_opt
+    assert abs(r1.kappa - 1e-3) > 3 * r1.kappa_se and r1.models["quadratic"].rss > 20 * exact.models["quadratic"].rss
+    # E_opt of the fitted curve: the true curve's argmin between swept E (g continued by COMPUTE_BASIS)
+    grid = np.geomspace(1, 32, 20001)
+    true = 0.05 + 2.0 * _fixed_r_flops(grid) / _fixed_r_flops(SWEEP).max() + 1e-3 * grid**2
+    assert exact.fitted_e_opt == pytest.approx(grid[np.argmin(true)], rel=0.05)
+    assert abs(r1.fitted_e_opt / grid[np.argmin(true)] - 1) > 0.1
+    # S(E) is R1's model: no prediction from it with the exact term, and the reason is given
+    assert exact.predicted is None and "R1" in exact.predicted_note and r1.predicted is not None
+    np.testing.assert_allclose(exact.g(SWEEP), work / work.max(), rtol=1e-9)
+    np.testing.assert_allclose(exact.g(grid), _fixed_r_flops(grid) / _fixed_r_flops(SWEEP).max(), rtol=1e-9)
+
+
+def test_fit_kappa_drops_the_compute_term_when_every_run_costs_the_same():
+    rng = np.random.default_rng(4)
+    t = 0.5 + 1e-3 * SWEEP**2 + rng.normal(0.0, 1e-3, SWEEP.size)
+    r = cm.fit_kappa(experts=SWEEP, step_time=t, compute=np.full(SWEEP.size, 7e6))
+    assert "a" not in r.models["quadratic"].coef and r.kappa == pytest.approx(1e-3, rel=0.02)
+
+
+def test_kappa_in_macs_keeps_the_ratio_to_a_trad():
+    a = cm.qkv_cost_traditional(d_model=D0, seq_len=L)
+    # a fitted κ/a ratio of 1e8/A_trad reproduces the §2.6 row κ = 1e8 MACs
+    assert cm.kappa_in_macs(kappa_time=1e8 / a * 0.3, a_time=0.3, a_macs=a) == pytest.approx(1e8, rel=1e-12)
+    with pytest.raises(ValueError, match="a_time"):
+        cm.kappa_in_macs(kappa_time=1.0, a_time=0.0, a_macs=a)

@@ -3,8 +3,10 @@ extrapolation error, drop rules, generic and Clark fitters."""
 
 from __future__ import annotations
 
-import itertools
 import os
+
+import itertools
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,6 +15,7 @@ from scipy import optimize
 
 from sectional_moe.theory import fitting as ft
 from sectional_moe.theory import laws as lw
+from tests.theory.printed import assert_printed
 
 ROUNDED = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
 # 8 starts: enough for these well-posed problems; the 4500-start Hoffmann grid stays the default
@@ -64,21 +67,52 @@ def test_row10_vpnls_recovers_noise_free_parameters_exactly(row10):
         assert fit.params[k] == pytest.approx(v, rel=1e-6), k
 
 
-@pytest.mark.skipif(
-    not os.environ.get("SMOE_ISOFLOP_CSV"),
-    reason="row 11 needs the HF dataset open-athena/isoflop-experiments (experiment ml_scalefit__massivetext__chinchilla), "
-    "which cannot be downloaded here; export it to CSV with columns N, D, L and set SMOE_ISOFLOP_CSV to run this test",
-)
-def test_row11_vpnls_linear_huber_on_massivetext_points():
-    df = pd.read_csv(os.environ["SMOE_ISOFLOP_CSV"])
-    assert len(df) == 124
-    grid = np.round(np.arange(0.05, 1.0001, 0.01), 10)
-    fit = ft.fit_vpnls(N=df["N"], D=df["D"], L=df["L"], loss="huber", delta=1e-3, n_scale=1e6, d_scale=1e9,
-                       alpha_grid=grid, beta_grid=grid, refine=False)
+# Row 11's 124 points (Chinchilla's MassiveText IsoFLOP runs, experiment
+# ml_scalefit__massivetext__chinchilla of the HF dataset open-athena/isoflop-experiments) are
+# third-party data whose licence we could not establish, so they are not shipped: export them to
+# a CSV with columns budget, params, tokens, loss and point SMOE_ISOFLOP_CSV at it.
+MASSIVETEXT = os.environ.get("SMOE_ISOFLOP_CSV")
+
+
+@pytest.fixture(scope="module")
+def massivetext() -> pd.DataFrame:
+    """The 124 points of row 11, from ``SMOE_ISOFLOP_CSV``."""
+    if not MASSIVETEXT or not Path(MASSIVETEXT).is_file():
+        pytest.skip("row 11 needs the 124 MassiveText IsoFLOP points (HF dataset open-athena/isoflop-experiments, "
+                    "experiment ml_scalefit__massivetext__chinchilla), not downloadable here and not shipped (licence "
+                    "unclear); export them to CSV (columns budget, params, tokens, loss) and set SMOE_ISOFLOP_CSV")
+    df = pd.read_csv(MASSIVETEXT, comment="#")
+    assert len(df) == 124 and df["budget"].nunique() == 9
+    return df
+
+
+def _row11_fit(df: pd.DataFrame, irls_iters: int, lo: float = 0.05, hi: float = 1.0) -> ft.FitResult:
+    grid = np.round(np.arange(lo, hi + 1e-4, 0.01), 10)  # the README's resolution 0.01
+    return ft.fit_vpnls(N=df["params"], D=df["tokens"], L=df["loss"], loss="huber", delta=1e-3, n_scale=1e6, d_scale=1e9,
+                        alpha_grid=grid, beta_grid=grid, refine=False, irls_iters=irls_iters)
+
+
+def test_row11_vpnls_linear_huber_on_massivetext_points(massivetext):
+    """vpnls's grid solver does 10 IRLS reweights per grid point; with the same the published fit
+    comes out at its printed precision (α, β to 0.01 by the grid; E, A, B to 5 digits)."""
+    fit = _row11_fit(massivetext, irls_iters=10)
     assert fit.params["alpha"] == pytest.approx(0.36, abs=1e-9)
     assert fit.params["beta"] == pytest.approx(0.40, abs=1e-9)
-    for k, v in {"E": 1.8608, "A": 4.1479, "B": 1.0546}.items():
-        assert fit.params[k] == pytest.approx(v, rel=1e-3), k
+    for k, printed in {"E": "1.8608", "A": "4.1479", "B": "1.0546"}.items():
+        assert_printed(fit.params[k], printed)
+    # the README's comparison table: mean Huber loss x 1e6 = 13.1 (ours is the sum)
+    assert_printed(fit.objective / 124 * 1e6, "13.1")
+    assert fit.derived["A_raw"] == pytest.approx(fit.params["A"] * 1e6**0.36) and 500 < fit.derived["A_raw"] < 700
+
+
+def test_row11_converged_irls_finds_a_lower_objective_one_grid_step_away(massivetext):
+    """Iterated to convergence the Huber profile is lower at α = 0.37 than at the published 0.36:
+    row 11's α is a property of the 10-iteration recipe, not of the data alone."""
+    # near the optimum only (the full grid at 100 iterations takes ~25 s on one core)
+    fit = _row11_fit(massivetext, irls_iters=100, lo=0.30, hi=0.45)
+    published = _row11_fit(massivetext, irls_iters=10, lo=0.30, hi=0.45)
+    assert (fit.params["alpha"], fit.params["beta"]) == pytest.approx((0.37, 0.40), abs=1e-9)
+    assert fit.objective < published.objective
 
 
 def test_analytic_gradient_matches_finite_differences(chinchilla_like):

@@ -7,6 +7,7 @@ import pytest
 from scipy import optimize
 
 from sectional_moe.theory import laws as lw
+from tests.theory.printed import assert_printed
 
 REL = 1e-3
 C_CHINCHILLA = 6 * 70e9 * 1.4e12  # 5.88e23 FLOPs
@@ -39,8 +40,20 @@ def test_row3_frontier_epoch_params():
     f = lw.chinchilla_frontier(C=np.array([1e21, C_CHINCHILLA]), **c)
     assert f["G"] == pytest.approx(0.1196, rel=REL)
     assert f["a"] == pytest.approx(0.5126, rel=REL)
-    np.testing.assert_allclose(f["D_per_N"], [21.6, 18.4], rtol=REL * 3)  # printed to 3 digits
+    # D/N is printed to 3 significant digits (±0.05, i.e. up to 0.27 % relative): compare at that precision
+    for value, printed in zip(f["D_per_N"], ("21.6", "18.4")):
+        assert_printed(value, printed)
     assert lw.CHINCHILLA.predict("epoch", N=70e9, D=1.4e12) == pytest.approx(1.9739, rel=REL)
+
+
+def test_printed_precision_helper_is_half_a_unit_of_the_last_digit():
+    from tests.theory.printed import half_unit
+
+    assert half_unit("21.6") == pytest.approx(0.05) and half_unit("0.220") == pytest.approx(5e-4)
+    assert half_unit("1.29e10") == pytest.approx(5e7) and half_unit("2") == 0.5
+    assert_printed(21.64, "21.6")
+    with pytest.raises(AssertionError, match="does not round"):
+        assert_printed(21.66, "21.6")
 
 
 def test_frontier_is_the_argmin_of_the_law_on_the_isoflop_curve():
@@ -57,7 +70,9 @@ def test_row12_zhao_closed_form_optima_and_loss():
     assert z["G_opt"] == pytest.approx(6.778, rel=REL)
     assert z["S_opt"] == pytest.approx(0.3148, rel=REL)
     assert z["P_opt"] == pytest.approx(1.6283, rel=REL)
-    np.testing.assert_allclose(z["N_a_over_N_opt"], [0.401, 0.220, 0.204], rtol=REL * 2)  # printed to 3 digits
+    # N_a/N is printed to 3 decimals (±5e-4, up to 0.25 % relative at 0.204): compare at that precision
+    for value, printed in zip(z["N_a_over_N_opt"], ("0.401", "0.220", "0.204")):
+        assert_printed(value, printed)
     assert lw.ZHAO.predict(N=1e9, D=1e11, N_a=1e8, G=8, S=0.25) == pytest.approx(2.6825, rel=REL)
 
 

@@ -5,7 +5,11 @@ between two families is the difference that matters. Functional forms (``rms_nor
 ``apply_rope``, ``causal_attention``, ``swiglu``) are used both by the full-width modules here and
 by the stacked per-section experts in :mod:`sectional_moe.models.sectional`.
 
-Shape legend: B batch, T tokens, D d_model, H query heads, K kv heads, Dh head dim.
+Every attention also runs incrementally against a :class:`~sectional_moe.models.cache.KVCache`
+(``cache=``): new positions are appended and attend to all cached ones. Without a cache (training)
+the code path is the plain causal one.
+
+Shape legend: B batch, T tokens, D d_model, H query heads, K kv heads, Dh head dim, n new positions.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sectional_moe.models.cache import KVCache
 from sectional_moe.spec import ModelSpec
 
 
@@ -49,11 +54,14 @@ class Rope(nn.Module):
             self.register_buffer(f"cos_{hd}", freqs.cos(), persistent=False)
             self.register_buffer(f"sin_{hd}", freqs.sin(), persistent=False)
 
-    def forward(self, T: int, head_dim: int, stride: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tables for positions 0, stride, 2*stride, ... (T of them). A shortened sequence keeps the
-        original position scale, so a relative distance means the same at every resolution."""
+    def forward(self, T: int, head_dim: int, stride: int = 1, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tables for positions start*stride, (start+1)*stride, ... (T of them). A shortened sequence
+        keeps the original position scale, so a relative distance means the same at every resolution.
+        ``start`` > 0 when decoding: the index of the first new position at this resolution."""
         cos, sin = getattr(self, f"cos_{head_dim}"), getattr(self, f"sin_{head_dim}")
-        return cos[: T * stride : stride], sin[: T * stride : stride]
+        if start and (start + T - 1) * stride >= cos.shape[0]:
+            raise ValueError(f"position {(start + T - 1) * stride} is beyond the RoPE table of seq_len={cos.shape[0]} positions")
+        return cos[start * stride : (start + T) * stride : stride], sin[start * stride : (start + T) * stride : stride]
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -75,6 +83,25 @@ def causal_attention(
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
 
 
+def cached_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache
+) -> torch.Tensor:
+    """:func:`causal_attention` of n new positions that also attend to every cached position.
+
+    q: (B, H, n, Dh); k, v: (B, K, n, Dh) of the new positions only; cos/sin (n, Dh/2) at their
+    absolute positions. Rotated k and v are appended to ``cache``. Returns (B, H, n, Dh).
+    """
+    start = cache.length
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    k, v = cache.append(k, v)  # (B, K, start + n, Dh)
+    n, gqa = q.shape[2], k.shape[1] != q.shape[1]
+    if start == 0:  # the first chunk (prefill): plain causal attention, as in training
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    # SDPA's is_causal aligns the mask top-left; new query i sits at position start + i
+    mask = None if n == 1 else torch.ones(n, start + n, dtype=torch.bool, device=q.device).tril(diagonal=start)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
@@ -90,11 +117,14 @@ class Attention(nn.Module):
         self.wkv = nn.Linear(D, 2 * spec.n_kv_heads * spec.head_dim, bias=False)
         self.wo = nn.Linear(spec.n_heads * spec.head_dim, D, bias=False)
 
-    def forward(self, x: torch.Tensor, rope: Rope, stride: int = 1) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: Rope, stride: int = 1, cache: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
         k, v = self.wkv(x).view(B, T, 2, self.n_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, K, T, Dh)
-        y = causal_attention(q, k, v, *rope(T, self.head_dim, stride))
+        if cache is None:
+            y = causal_attention(q, k, v, *rope(T, self.head_dim, stride))
+        else:  # T new positions after cache.length cached ones (at this block's resolution)
+            y = cached_attention(q, k, v, *rope(T, self.head_dim, stride, start=cache.length), cache)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -116,7 +146,8 @@ class TransformerBlock(nn.Module):
 
     ``ffn`` defaults to a dense SwiGLU; the token-MoE family passes a routed FFN instead. Every
     block returns ``(x, aux)``: aux is a dict of router losses and load statistics ({} if dense).
-    ``rope_stride`` > 1 when the block runs on a sequence shortened by that factor.
+    ``rope_stride`` > 1 when the block runs on a sequence shortened by that factor. With a
+    ``cache`` (from :meth:`new_cache`), x holds only the new positions (incremental decoding).
     """
 
     def __init__(self, spec: ModelSpec, ffn: nn.Module | None = None, rope_stride: int = 1):
@@ -127,8 +158,12 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(spec.d_model, spec.norm_eps)
         self.ffn = ffn if ffn is not None else SwiGLU(spec.d_model, spec.d_ff)
 
-    def forward(self, x: torch.Tensor, ids: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, dict]:
-        x = x + self.attn(self.attn_norm(x), rope, self.rope_stride)
+    def new_cache(self, max_len: int) -> KVCache:
+        """A KV cache for up to ``max_len`` positions at this block's resolution."""
+        return KVCache(max_len)
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, rope: Rope, cache: KVCache | None = None) -> tuple[torch.Tensor, dict]:
+        x = x + self.attn(self.attn_norm(x), rope, self.rope_stride, cache)
         h = self.ffn_norm(x)
         if isinstance(self.ffn, SwiGLU):
             return x + self.ffn(h), {}

@@ -9,6 +9,12 @@ blocks differ by family:
 
 ``forward(ids)`` returns ``(logits, aux)`` where ``aux`` is one dict per block (router losses,
 expert counts); the LightningModule turns them into weighted losses and load metrics.
+
+Incremental decoding: ``cache = model.init_cache()``, then ``model(prompt, cache=cache)``
+(prefill) and ``model(next_ids, cache=cache)`` once per generated token (decode); each call takes
+only the new tokens and returns their logits, equal to the full forward's at those positions
+(tests check every family). Routing with a ``capacity_factor`` is the exception: capacity is
+shared by the items of one call, so cached calls drop differently from one full pass.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import torch
 from torch import nn
 
 from sectional_moe.models.blocks import Rope, RMSNorm, TransformerBlock
+from sectional_moe.models.cache import DecodeCache
 from sectional_moe.models.moe import TokenMoEFFN
 from sectional_moe.models.sectional import SectionalMoEBlock
 from sectional_moe.spec import ModelSpec
@@ -65,13 +72,33 @@ class LanguageModel(nn.Module):
                 residual_out = any(part in _RESIDUAL_OUTPUTS for part in parts[-2:])
                 nn.init.normal_(p, mean=0.0, std=out_std if residual_out else std)
 
-    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, list[dict]]:
-        """ids (B, T) int64 -> logits (B, T, V), per-block aux dicts."""
+    def init_cache(self, max_len: int | None = None) -> DecodeCache:
+        """An empty decode cache for up to ``max_len`` positions (default and at most ``seq_len``,
+        the extent of the RoPE tables the model was trained with)."""
+        max_len = self.spec.seq_len if max_len is None else int(max_len)
+        if not 0 < max_len <= self.spec.seq_len:
+            raise ValueError(f"max_len={max_len} must be in [1, seq_len={self.spec.seq_len}]")
+        return DecodeCache([block.new_cache(max_len) for block in self.blocks], max_len)
+
+    def forward(self, ids: torch.Tensor, cache: DecodeCache | None = None) -> tuple[torch.Tensor, list[dict]]:
+        """ids (B, T) int64 -> logits (B, T, V), per-block aux dicts.
+
+        With a ``cache``, ids are the T tokens that follow the ``cache.pos`` already seen; the cache
+        is updated in place.
+        """
         x = self.embed(ids)  # (B, T, D)
         aux = []
-        for block in self.blocks:
-            x, a = block(x, ids, self.rope)
+        if cache is None:
+            for block in self.blocks:
+                x, a = block(x, ids, self.rope)
+                aux.append(a)
+            return self.head(self.norm(x)), aux
+        if cache.pos + ids.shape[1] > cache.max_len:
+            raise ValueError(f"{cache.pos} cached + {ids.shape[1]} new tokens > max_len={cache.max_len}; reset or re-prefill the cache")
+        for block, layer_cache in zip(self.blocks, cache.layers):
+            x, a = block(x, ids, self.rope, layer_cache)
             aux.append(a)
+        cache.pos += ids.shape[1]
         return self.head(self.norm(x)), aux
 
     def num_parameters(self) -> int:

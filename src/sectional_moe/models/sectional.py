@@ -20,6 +20,13 @@ Causality: short position j pools tokens j*r-r+1 .. j*r (never a later one) and 
 to positions j*r .. j*r+r-1, all >= j*r; attention at short resolution is causal over short
 positions. So no output at position t depends on a token after t (tests check every family).
 
+Incremental decoding (``cache=``, see :meth:`SectionalMoEBlock.forward`) follows from the same
+index map: short position j is complete once token j*r has arrived. So when token t arrives and
+t % r == 0, the block pools the last r inputs (kept in a small tail; zeros before the sequence
+start, as the training shift pads), runs the pre-expert layer and the experts for that one short
+position against their short-resolution KV caches and keeps its delta; every output t is
+x_t + delta_{t // r}. When t % r != 0 the block costs nothing but the addition.
+
 All E experts run as batched GEMMs over a stacked expert axis; there is no Python loop over
 experts. With E=1, r=1, pre_expert off and segment_fixed routing the block *is* a dense
 pre-norm block (tests check this equality).
@@ -34,7 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sectional_moe.models.blocks import Rope, TransformerBlock, causal_attention, rms_norm
+from sectional_moe.models.blocks import Rope, TransformerBlock, cached_attention, causal_attention, rms_norm
+from sectional_moe.models.cache import KVCache, SectionalCache
 from sectional_moe.models.routing import (
     ExpertFFN,
     causal_priority,
@@ -79,11 +87,15 @@ class SectionAttention(nn.Module):
         for w in (self.wq, self.wkv, self.wo):
             nn.init.normal_(w, std=0.02)
 
-    def forward(self, x_ENS: torch.Tensor, B: int, T: int, rope: Rope, stride: int) -> torch.Tensor:
+    def forward(self, x_ENS: torch.Tensor, B: int, T: int, rope: Rope, stride: int,
+                cache: KVCache | None = None) -> torch.Tensor:
         E, h, k, c = x_ENS.shape[0], self.h, self.k, self.c
         q = torch.bmm(x_ENS, self.wq).view(E, B, T, h, c).permute(1, 0, 3, 2, 4).reshape(B, E * h, T, c)
         kv = torch.bmm(x_ENS, self.wkv).view(E, B, T, 2, k, c).permute(3, 1, 0, 4, 2, 5).reshape(2, B, E * k, T, c)
-        y = causal_attention(q, kv[0], kv[1], *rope(T, c, stride))  # (B, E*h, T, c)
+        if cache is None:
+            y = causal_attention(q, kv[0], kv[1], *rope(T, c, stride))  # (B, E*h, T, c)
+        else:  # T new short positions; the cache holds the E*k kv heads of all experts
+            y = cached_attention(q, kv[0], kv[1], *rope(T, c, stride, start=cache.length), cache)
         y = y.view(B, E, h, T, c).permute(1, 0, 3, 2, 4).reshape(E, B * T, h * c)
         return torch.bmm(y, self.wo)  # (E, N, S)
 
@@ -108,13 +120,13 @@ class SectionExperts(nn.Module):
             # (token id, section) -> expert; the token of a short position is the newest it merges
             self.register_buffer("table", hash_table(rows=spec.vocab_size, cols=E, num_experts=E, seed=spec.hash_seed + layer))
 
-    def forward(self, s: torch.Tensor, ids: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, dict]:
+    def forward(self, s: torch.Tensor, ids: torch.Tensor, rope: Rope, cache: KVCache | None = None) -> tuple[torch.Tensor, dict]:
         B, T, D = s.shape
         E, S = self.E, D // self.E
         x = s.view(B, T, E, S).permute(2, 0, 1, 3).reshape(E, B * T, S)  # (E, N, S): section-major
         update = torch.zeros_like(x)
         if self.attn is not None:
-            update = self.attn(rms_norm(x, self.attn_norm, self.eps), B, T, rope, self.rope_stride)
+            update = self.attn(rms_norm(x, self.attn_norm, self.eps), B, T, rope, self.rope_stride, cache)
             x = x + update
         f, aux = self._ffn(rms_norm(x, self.ffn_norm, self.eps), ids)
         update = update + f
@@ -159,7 +171,18 @@ class SectionalMoEBlock(nn.Module):
         self.experts = SectionExperts(spec, layer, rope_stride=r)
         self.merge = nn.Linear(spec.d_model, spec.d_model, bias=False) if spec.merge_proj else None
 
-    def forward(self, x: torch.Tensor, ids: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, dict]:
+    def new_cache(self, max_len: int) -> SectionalCache:
+        """Decode state for up to ``max_len`` full-resolution positions (ceil(max_len / r) short ones)."""
+        short = -(-max_len // self.r)
+        return SectionalCache(pre=KVCache(short) if self.pre_expert is not None else None,
+                              experts=KVCache(short) if self.experts.attn is not None else None)
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, rope: Rope,
+                cache: SectionalCache | None = None) -> tuple[torch.Tensor, dict]:
+        """x (B, T, D), ids (B, T) -> (B, T, D), aux. With a ``cache``, x and ids are the n new
+        positions after ``cache.length`` seen ones (any n, any alignment to r; see the module doc)."""
+        if cache is not None:
+            return self._forward_cached(x, ids, rope, cache)
         s0 = shorten_causal(x, self.r, self.pool)  # (B, T/r, D)
         ids_short = ids[:, :: self.r]  # newest token merged into each short position
         s = s0 if self.pre_expert is None else self.pre_expert(s0, ids_short, rope)[0]
@@ -168,3 +191,33 @@ class SectionalMoEBlock(nn.Module):
             u = self.merge(u)
         delta = u if self.pre_expert is None else (s - s0) + u
         return x + upsample(delta, self.r), aux
+
+    def _forward_cached(self, x: torch.Tensor, ids: torch.Tensor, rope: Rope, cache: SectionalCache) -> tuple[torch.Tensor, dict]:
+        r, (B, n, D), p0 = self.r, x.shape, cache.length  # new positions p0 .. p0+n-1
+        if cache.tail is None:  # before the sequence start: the zero padding of the right shift
+            cache.tail = x.new_zeros(B, r - 1, D)
+        window = torch.cat([cache.tail, x], dim=1)  # (B, r-1+n, D): inputs at p0-r+1 .. p0+n-1
+        cache.tail = window[:, window.shape[1] - (r - 1):]
+        cache.length = p0 + n
+        # short positions completed by this chunk: j with p0 <= j*r <= p0+n-1
+        j0, j1 = -(-p0 // r), (p0 + n - 1) // r
+        m = j1 - j0 + 1
+        aux: dict = {}
+        deltas = [cache.delta] if p0 % r else []  # short position p0 // r was completed earlier
+        if m > 0:
+            if r == 1:
+                s0 = x
+            else:  # window index j0*r - p0 holds token j0*r-r+1, the first one short position j0 merges
+                first = j0 * r - p0
+                groups = window[:, first : first + m * r].reshape(B, m, r, D)  # as in shorten_causal
+                s0 = groups.mean(dim=2) if self.pool is None else self.pool(groups.reshape(B, m, r * D))  # (B, m, D)
+            ids_short = ids[:, j0 * r - p0 :: r][:, :m]  # token j*r, the newest merged (ids[:, ::r])
+            s = s0 if self.pre_expert is None else self.pre_expert(s0, ids_short, rope, cache.pre)[0]
+            u, aux = self.experts(s, ids_short, rope, cache.experts)
+            if self.merge is not None:
+                u = self.merge(u)
+            deltas.append(u if self.pre_expert is None else (s - s0) + u)
+        delta = torch.cat(deltas, dim=1)  # short positions p0 // r .. j1
+        cache.delta = delta[:, -1:]
+        offset = p0 % r  # output p0 sits at this offset inside short position p0 // r
+        return x + upsample(delta, r)[:, offset : offset + n], aux

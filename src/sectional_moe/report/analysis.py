@@ -13,20 +13,29 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
+from sectional_moe.report.collect import CONFIG_COLUMNS, DERIVED_CONFIG_COLUMNS
 from sectional_moe.theory import cost_model, fitting
-from sectional_moe.theory.laws import CoefficientSet, Law
+from sectional_moe.theory.laws import CHINCHILLA, CoefficientSet, Law
 
 #: Metrics where larger is better; every other metric (ppl, loss, time, memory) is minimised.
 HIGHER_IS_BETTER = ("tokens_per_s", "mfu", "tflops_per_s_per_device")
 
 MIN_RUNS_COMPUTE_LAW = 5
-MIN_DISTINCT_C = 3
+MIN_DISTINCT_C = 3  # compute budgets, counted with BUDGET_TOL
+MIN_COMPUTE_SPAN = 3.0  # max C / min C: below it a 3-parameter law in C is not identified [I]
+BUDGET_TOL = 0.05  # runs within 5 % of compute are one budget (scaling-laws.md §8.5 isoflop_analysis)
 MIN_RUNS_CHINCHILLA = 8
+BOUND_RTOL = 1e-3  # a parameter this close to a bound (relative to the bound's range or scale) sits at it
+
+#: What a curve or a fit spans; every other config column that varies splits runs into groups.
+SPANNED_COLUMNS = ("experts", "seed")
+#: Table columns shown under a shorter name in labels.
+LABEL_NAMES = {"seq_reduction_setting": "seq_reduction"}
 
 
 def ascending(metric: str) -> bool:
@@ -52,46 +61,111 @@ def pareto_mask(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 
 
 # ============================================================================================
+# Grouping: runs are pooled (as seeds) only when every config column except E and seed agrees
+# ============================================================================================
+def varying_config_columns(df: pd.DataFrame, *, within: Sequence[str] = ("family", "routing")) -> list[str]:
+    """Config columns (except E, seed and derived ones) that take more than one value among the
+    runs of some ``within`` cell of ``df``, in table order.
+
+    Checking inside each (family, routing) cell keeps a column that is only *implied* by the
+    cell (top_k is set for topk and empty for hash; the sectional switches are empty for dense)
+    from splitting lines that the family or routing already separates. Missing values count as a
+    value, so a run without a setting is never pooled with one that has it.
+    """
+    candidates = [c for c in CONFIG_COLUMNS if c not in SPANNED_COLUMNS + DERIVED_CONFIG_COLUMNS + tuple(within) and c in df.columns]
+    if df.empty:
+        return []
+    varying = set()
+    for _, cell in df.groupby(list(within), sort=False, dropna=False):
+        for col in candidates:
+            if cell[col].astype(object).where(cell[col].notna(), None).nunique(dropna=False) > 1:
+                varying.add(col)
+    return [c for c in candidates if c in varying]
+
+
+def _label_value(value: Any) -> str:
+    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+        return "none"
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value)).lower()
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return str(int(value))
+    return f"{value:.3g}" if isinstance(value, (float, np.floating)) else str(value)
+
+
+def group_label(key: Mapping[str, Any], *, bare: Sequence[str] = ("family", "routing")) -> str:
+    """``"sectional segment_fixed, sectional_every=2"``: bare values for ``bare`` columns, then
+    ``name=value`` for the others (missing values read "none")."""
+    head = " ".join(_label_value(key[c]) for c in bare if c in key)
+    rest = [f"{LABEL_NAMES.get(c, c)}={_label_value(v)}" for c, v in key.items() if c not in bare]
+    return ", ".join([head] * bool(head) + rest)
+
+
+def config_groups(df: pd.DataFrame, keys: Sequence[str]) -> Iterator[tuple[dict[str, Any], pd.DataFrame]]:
+    """``df`` split by ``keys`` (missing values kept as their own group), sorted, as (key dict, rows)."""
+    keys = list(dict.fromkeys(keys))
+    if df.empty:
+        return
+    for values, g in df.groupby(keys, sort=True, dropna=False):
+        values = values if isinstance(values, tuple) else (values,)
+        yield dict(zip(keys, values)), g
+
+
+# ============================================================================================
 # κ: measured step cost vs E (sectional family)
 # ============================================================================================
 @dataclass
 class KappaResult:
-    label: str  # "size=nano, routing=segment_fixed"
+    label: str  # "size=nano, routing=segment_fixed, sectional_every=2"
     data: pd.DataFrame  # the runs used (experts, step_time_s)
     fit: cost_model.KappaFit | None = None
     reason: str | None = None  # why there is no fit
+    key: dict[str, Any] = field(default_factory=dict)  # the config values the group shares
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"group": self.label, "runs": int(len(self.data)), "reason": self.reason}
         if self.fit is not None:
             f = self.fit
-            out.update({"kappa_s_per_E2": f.kappa, "kappa_se": f.kappa_se, "preferred_overhead": f.preferred,
+            out.update({"compute_term": f.compute_term, "kappa_s_per_E2": f.kappa, "kappa_se": f.kappa_se, "preferred_overhead": f.preferred,
                         "delta_aic_linear_minus_quadratic": f.delta_aic, "E_opt_measured": f.measured_e_opt,
                         "E_opt_fitted": f.fitted_e_opt,
                         "E_opt_predicted": f.predicted.numeric_root if f.predicted else None,
-                        "E_opt_predicted_integer": f.predicted.best_integer if f.predicted else None})
+                        "E_opt_predicted_integer": f.predicted.best_integer if f.predicted else None,
+                        "E_opt_predicted_note": f.predicted_note or None})
         return out
 
 
 def kappa_fits(df: pd.DataFrame) -> list[KappaResult]:
-    """One κ fit (``theory.fit_kappa``, step-time mode, summed view) per (size, routing) of the
-    finished sectional runs; a group with < 3 distinct E or < 4 runs gets a reason instead."""
+    """One κ fit (``theory.fit_kappa``, step-time mode) per group of the finished sectional runs;
+    a group with < 3 distinct E or < 4 runs gets a reason instead.
+
+    Groups: size and routing, plus every config column that varies among the sectional runs of a
+    routing (see :func:`varying_config_columns`), so runs that differ in, e.g., sectional_every or
+    seq_reduction are never pooled as if they were seeds. The compute term is each run's exact
+    training FLOPs per step (``flops_per_token`` x ``batch_tokens``, from ``sectional_moe.flops``);
+    only when a run lacks it does the fit fall back to R1's summed QKV fraction (r = E assumed).
+    """
     sect = finished(df)
     sect = sect[(sect["family"] == "sectional") & sect["experts"].notna() & sect["step_time_s"].notna()]
+    keys = ["size", "routing", *varying_config_columns(sect)]
     out = []
-    for (size, routing), g in sect.groupby(["size", "routing"], sort=True):
-        label = f"size={size}, routing={routing}"
-        data = g[["run", "experts", "step_time_s"]].astype({"experts": float})
+    for key, g in config_groups(sect, keys):
+        label = group_label(key, bare=())
+        data = g[["run", "experts", "step_time_s", "flops_per_token", "batch_tokens"]].astype(
+            {"experts": float, "flops_per_token": float, "batch_tokens": float})
         distinct = data["experts"].nunique()
         if distinct < 3 or len(data) < 4:
-            out.append(KappaResult(label, data, reason=f"{len(data)} run(s) at {distinct} distinct E; fit_kappa needs >= 4 runs at >= 3 distinct E"))
+            out.append(KappaResult(label, data, reason=f"{len(data)} run(s) at {distinct} distinct E; fit_kappa needs >= 4 runs at >= 3 distinct E", key=key))
             continue
+        work = data["flops_per_token"] * data["batch_tokens"].fillna(1.0)  # FLOPs per step (per token if no batch)
+        exact = bool(np.all(np.isfinite(work)) and np.all(work > 0))
         try:
-            fit = cost_model.fit_kappa(experts=data["experts"], step_time=data["step_time_s"], view="summed")
+            fit = cost_model.fit_kappa(experts=data["experts"], step_time=data["step_time_s"],
+                                       compute=work if exact else None, view="summed")
         except (ValueError, np.linalg.LinAlgError) as err:
-            out.append(KappaResult(label, data, reason=f"fit failed: {err}"))
+            out.append(KappaResult(label, data, reason=f"fit failed: {err}", key=key))
             continue
-        out.append(KappaResult(label, data, fit=fit))
+        out.append(KappaResult(label, data, fit=fit, key=key))
     return out
 
 
@@ -129,32 +203,89 @@ class LawFit:
     grid: np.ndarray | None = None  # C values of the curve (FLOPs)
     curve: np.ndarray | None = None
     band: tuple[np.ndarray, np.ndarray] | None = None  # 2.5 / 97.5 percentiles
-    reason: str | None = None
+    reason: str | None = None  # why the fit is not a result (too few runs, degenerate); not plotted then
+    warnings: list[str] = field(default_factory=list)  # caveats of a fit that is reported
 
     def summary(self) -> dict[str, Any]:
         out: dict[str, Any] = {"family": self.family, "law": self.law, "runs": self.n, "reason": self.reason}
         out.update({k: v for k, v in self.params.items()})
         out.update({f"{k}_ci95": f"[{lo:.4g}, {hi:.4g}]" for k, (lo, hi) in self.ci.items()})
+        if self.warnings:
+            out["warnings"] = "; ".join(self.warnings)
         return out
+
+
+def count_budgets(C: np.ndarray, *, tol: float = BUDGET_TOL) -> int:
+    """Distinct compute budgets: sorted C split wherever a value exceeds its budget's first by > ``tol``."""
+    budgets, first = 0, None
+    for c in np.sort(np.asarray(C, dtype=float)):
+        if first is None or c > first * (1.0 + tol):
+            budgets, first = budgets + 1, c
+    return budgets
+
+
+def at_bounds(law: Law, params: Mapping[str, float], *, scale: float) -> list[str]:
+    """Parameters of a fit that sit at a bound, as sentences (empty: none).
+
+    A bounded parameter within ``BOUND_RTOL`` of its bound's range; a positive one (fitted in log
+    space, so its only bound is 0) below ``BOUND_RTOL x scale`` (``scale``: the loss level, the
+    unit of E and A here). Such a fit says the data do not constrain that parameter.
+    """
+    out = []
+    for name, value in params.items():
+        if name in law.positive:
+            if value < BOUND_RTOL * scale:
+                out.append(f"{name} = {value:.3g} collapsed to its lower bound 0 (< {BOUND_RTOL:g} x the loss scale {scale:.3g})")
+        elif name in law.bounds:
+            lo, hi = law.bounds[name]
+            span = (hi - lo) if lo is not None and hi is not None else 1.0
+            for bound, side in ((lo, "lower"), (hi, "upper")):
+                if bound is not None and abs(value - bound) <= BOUND_RTOL * span:
+                    out.append(f"{name} = {value:.3g} sits at its {side} bound {bound:g}")
+    return out
+
+
+def _ci_at_bounds(law: Law, ci: Mapping[str, tuple[float, float]]) -> list[str]:
+    out = []
+    for name, (lo, hi) in ci.items():
+        lo_b, hi_b = law.bounds.get(name, (None, None)) if name not in law.positive else (0.0, None)
+        span = (hi_b - lo_b) if lo_b is not None and hi_b is not None else 1.0
+        for end, bound, side in ((lo, lo_b, "lower"), (hi, hi_b, "upper")):
+            if bound is not None and np.isfinite(end) and abs(end - bound) <= BOUND_RTOL * span:
+                out.append(f"the 95 % interval of {name} [{lo:.3g}, {hi:.3g}] reaches its {side} bound {bound:g}")
+    return out
 
 
 def compute_law_fits(df: pd.DataFrame, *, loss: str = "val_loss_best", n_boot: int = 100, seed: int = 0) -> list[LawFit]:
     """Per family, fit ``L = E + A (C/C0)^-α`` (Huber on log L, ``theory.fit_parametric``) and a
-    95 % band from a run-level bootstrap; too few runs or compute budgets give a reason."""
+    95 % band from a run-level bootstrap.
+
+    A fit is made only from >= ``MIN_RUNS_COMPUTE_LAW`` runs at >= ``MIN_DISTINCT_C`` budgets
+    (``BUDGET_TOL`` apart) spanning >= ``MIN_COMPUTE_SPAN`` x in C; and it is reported as a result
+    only if no parameter sits at a bound (:func:`at_bounds`). Otherwise ``reason`` says why and
+    the figure shows no curve: a law fitted to a few per cent of compute has its floor E and
+    exponent α unidentified, and its curve would look like a finding.
+    """
     out = []
     done = finished(df)
     for family, g in done.groupby("family", sort=True):
         g = g[np.isfinite(g[loss].astype(float)) & np.isfinite(g["compute_flops"].astype(float))]
         C, L = g["compute_flops"].to_numpy(float), g[loss].to_numpy(float)
-        distinct = len(np.unique(np.round(np.log(C), 2))) if len(C) else 0
-        if len(g) < MIN_RUNS_COMPUTE_LAW or distinct < MIN_DISTINCT_C:
+        budgets = count_budgets(C) if len(C) else 0
+        span = float(C.max() / C.min()) if len(C) else 0.0
+        if len(g) < MIN_RUNS_COMPUTE_LAW or budgets < MIN_DISTINCT_C or span < MIN_COMPUTE_SPAN:
             out.append(LawFit(str(family), COMPUTE_LAW.name, len(g), reason=(
-                f"{len(g)} finished run(s) at {distinct} distinct compute budget(s); the 3-parameter fit with a band needs "
-                f">= {MIN_RUNS_COMPUTE_LAW} runs at >= {MIN_DISTINCT_C} budgets")))
+                f"{len(g)} finished run(s) at {budgets} distinct compute budget(s) spanning {span:.3g}x in C; the 3-parameter fit "
+                f"with a band needs >= {MIN_RUNS_COMPUTE_LAW} runs at >= {MIN_DISTINCT_C} budgets spanning >= {MIN_COMPUTE_SPAN:g}x")))
             continue
         c0 = float(np.exp(np.mean(np.log(C))))
         start = {"E": 0.5 * float(L.min()), "A": max(float(L.max() - 0.5 * L.min()), 1e-3), "alpha": 0.3}
         fit = fitting.fit_parametric(COMPUTE_LAW, inputs={"C": C / c0}, L=L, init=start, n_random_starts=8, seed=seed)
+        degenerate = at_bounds(COMPUTE_LAW, fit.params, scale=float(L.min()))
+        if degenerate:
+            out.append(LawFit(str(family), COMPUTE_LAW.name, len(g), params={**fit.params, "C0": c0}, reason=(
+                "degenerate fit, not a result: " + "; ".join(degenerate) + " (the data do not constrain the law)")))
+            continue
         data = pd.DataFrame({"C": C / c0, "L": L})
 
         def refit(d: pd.DataFrame) -> dict[str, float]:
@@ -168,7 +299,8 @@ def compute_law_fits(df: pd.DataFrame, *, loss: str = "val_loss_best", n_boot: i
         band = (np.nanpercentile(draws, 2.5, axis=0), np.nanpercentile(draws, 97.5, axis=0)) if len(draws) else None
         params = {**fit.params, "C0": c0}
         ci = {k: (boot.ci_low[k], boot.ci_high[k]) for k in ("E", "A", "alpha") if k in boot.ci_low}
-        out.append(LawFit(str(family), COMPUTE_LAW.name, len(g), params=params, ci=ci, grid=grid, curve=curve, band=band))
+        out.append(LawFit(str(family), COMPUTE_LAW.name, len(g), params=params, ci=ci, grid=grid, curve=curve, band=band,
+                          warnings=_ci_at_bounds(COMPUTE_LAW, ci)))
     return out
 
 
@@ -184,5 +316,7 @@ def chinchilla_fits(df: pd.DataFrame, *, loss: str = "val_loss_best") -> list[La
                 f"{len(g)} run(s), {nN} distinct N, {nD} distinct D; needs >= {MIN_RUNS_CHINCHILLA} runs with >= 3 distinct N and D")))
             continue
         fit = fitting.fit_chinchilla(N=g["params_total"], D=g["tokens"], L=g[loss], init=fitting.small_init_grid())
-        out.append(LawFit(str(family), "chinchilla", len(g), params={**fit.params, **fit.derived}))
+        degenerate = at_bounds(CHINCHILLA, fit.params, scale=float(g[loss].min()))
+        reason = "degenerate fit, not a result: " + "; ".join(degenerate) if degenerate else None
+        out.append(LawFit(str(family), "chinchilla", len(g), params={**fit.params, **fit.derived}, reason=reason))
     return out

@@ -45,13 +45,18 @@ STATES = ("done", "failed", "unfinished", "running", "not started")
 
 #: Columns of the tidy table, in display order (units in the names or in :data:`COLUMN_DOCS`).
 ID_COLUMNS = ("run", "run_id", "group", "task_name", "state", "error")
-CONFIG_COLUMNS = ("family", "size", "experts", "routing", "top_k", "seq_reduction", "seed", "d_model", "n_layers",
-                  "seq_len", "vocab_size", "batch_tokens", "max_steps", "lr")
+CONFIG_COLUMNS = ("family", "size", "experts", "routing", "top_k", "seq_reduction", "seq_reduction_setting", "pre_expert",
+                  "seq_pool", "expert_attention", "merge_proj", "sectional_every", "seed", "d_model", "n_layers", "seq_len",
+                  "vocab_size", "batch_tokens", "max_steps", "lr")
+#: Config columns that are a function of others, so never a grouping key: r is E when the setting
+#: is "experts" (seq_reduction_setting carries the choice), and seeds/E are what a group spans.
+DERIVED_CONFIG_COLUMNS = ("seq_reduction",)
 METRIC_COLUMNS = (
     "params_total", "params_active", "params_non_embedding", "flops_per_token", "tokens", "compute_flops",
     "train_loss_final", "val_loss_final", "val_ppl_final", "val_loss_best", "val_ppl_best", "test_loss", "test_ppl",
     "tokens_per_s", "step_time_s", "tflops_per_s_per_device", "mfu", "steady_windows", "peak_mem_gib", "mem_kind",
     "load_cv", "load_max_over_mean", "dead_experts", "expert_frac_min", "expert_frac_max", "expert_frac",
+    "unigram_val_ppl", "bigram_val_ppl",
 )
 SOURCE_COLUMNS = ("source", "path")
 TABLE_COLUMNS = ID_COLUMNS + CONFIG_COLUMNS + METRIC_COLUMNS + SOURCE_COLUMNS
@@ -60,18 +65,21 @@ TABLE_COLUMNS = ID_COLUMNS + CONFIG_COLUMNS + METRIC_COLUMNS + SOURCE_COLUMNS
 #: the error text: status.json has the exception, a W&B run only its exit code).
 SOURCE_SPECIFIC = ("source", "path", "error")
 
-INT_COLUMNS = ("experts", "top_k", "seq_reduction", "seed", "d_model", "n_layers", "seq_len", "vocab_size",
+INT_COLUMNS = ("experts", "top_k", "seq_reduction", "sectional_every", "seed", "d_model", "n_layers", "seq_len", "vocab_size",
                "batch_tokens", "max_steps", "steady_windows")
-STR_COLUMNS = ("run", "run_id", "group", "task_name", "state", "error", "family", "size", "routing", "mem_kind",
-               "expert_frac", "source", "path")
+STR_COLUMNS = ("run", "run_id", "group", "task_name", "state", "error", "family", "size", "routing", "seq_reduction_setting",
+               "seq_pool", "mem_kind", "expert_frac", "source", "path")
+BOOL_COLUMNS = ("pre_expert", "expert_attention", "merge_proj")
 
 COLUMN_DOCS: dict[str, str] = {
     "run": "run name (its overrides without the seed)",
-    "run_id": "W&B run id (deterministic: task, group, run key); joins the sources",
+    "run_id": "W&B run id (the run directory's wandb_id file; else derived from task, group, run key); joins the sources",
     "state": "done | failed | unfinished (killed before recording an outcome) | running | not started",
     "experts": "E (token-MoE experts, or sections of d_model); empty for dense",
     "routing": "topk | hash | segment_fixed; 'none' for dense",
     "seq_reduction": "r, sequence shortening of sectional layers (sectional only)",
+    "seq_reduction_setting": "model.seq_reduction as configured: 'experts' (r = E) or a fixed integer (sectional only)",
+    "pre_expert, seq_pool, expert_attention, merge_proj, sectional_every": "the sectional switches (model.*; sectional only)",
     "batch_tokens": "tokens per optimiser step, all devices",
     "params_total": "all parameters, tied head counted once",
     "params_active": "FLOP-equivalent active non-embedding parameters (N_a, see sectional_moe.flops)",
@@ -87,6 +95,8 @@ COLUMN_DOCS: dict[str, str] = {
     "load_cv": "expert-load coefficient of variation, last logging window, mean over routed layers",
     "load_max_over_mean": "max expert load / mean load, last window, worst routed layer",
     "expert_frac": "share of assignments per expert (last window, mean over layers), comma separated",
+    "unigram_val_ppl": "validation perplexity of a unigram model of the train tokens (data/unigram_ppl_validation)",
+    "bigram_val_ppl": "validation perplexity of a smoothed bigram model (data/bigram_ppl_validation)",
 }
 
 
@@ -229,6 +239,24 @@ def _peak_memory(history: Sequence[Mapping[str, Any]], final: Mapping[str, Any])
     return None, None
 
 
+def _bool(value: Any) -> bool | None:
+    """A logged boolean (YAML/W&B bools, or their text) as a bool, None when absent."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    x = _num(value)
+    return None if x is None else bool(x)
+
+
+def _seq_reduction_setting(c: Mapping[str, Any]) -> str | None:
+    """``model.seq_reduction`` as configured: "experts" or the integer as text."""
+    raw = c.get("model.seq_reduction")
+    if raw is None or raw == "":
+        return None
+    return "experts" if raw == "experts" else str(_int(raw))
+
+
 def _seq_reduction(c: Mapping[str, Any], experts: int | None) -> int | None:
     """r of a sectional run: the resolved value if logged, else ``model.seq_reduction`` ("experts" -> E)."""
     resolved = _int(_first(c, "seq_reduction_resolved", "spec.seq_reduction"))
@@ -244,13 +272,20 @@ def tidy_row(rec: RunRecord) -> dict[str, Any]:
     family = _first(c, "family", "model.family")
     experts = None if family == "dense" else _int(_first(c, "experts", "spec.experts"))
     routing = "none" if family == "dense" else _first(c, "routing_name", "routing.name", "spec.routing")
+    sectional = family == "sectional"  # the sectional switches exist only in conf/model/sectional.yaml
     row: dict[str, Any] = {
         "run": rec.name, "run_id": rec.run_id, "group": rec.group, "task_name": _first(c, "task_name"),
         "state": rec.state, "error": rec.error,
         "family": family, "size": _first(c, "size.name", "spec.size", "size") if not isinstance(c.get("size"), str) else c["size"],
         "experts": experts, "routing": routing,
         "top_k": _int(_first(c, "routing.top_k")) if routing == "topk" else None,
-        "seq_reduction": _seq_reduction(c, experts) if family == "sectional" else None,
+        "seq_reduction": _seq_reduction(c, experts) if sectional else None,
+        "seq_reduction_setting": _seq_reduction_setting(c) if sectional else None,
+        "pre_expert": _bool(c.get("model.pre_expert")) if sectional else None,
+        "seq_pool": _first(c, "model.seq_pool") if sectional else None,
+        "expert_attention": _bool(c.get("model.expert_attention")) if sectional else None,
+        "merge_proj": _bool(c.get("model.merge_proj")) if sectional else None,
+        "sectional_every": _int(c.get("model.sectional_every")) if sectional else None,
         "seed": _int(c.get("seed")),
         "d_model": _int(_first(c, "size.d_model", "spec.d_model")), "n_layers": _int(_first(c, "size.n_layers", "spec.n_layers")),
         "seq_len": _int(_first(c, "size.seq_len", "spec.seq_len")),
@@ -261,6 +296,8 @@ def tidy_row(rec: RunRecord) -> dict[str, Any]:
         "params_active": _num(_first(c, "params/active") or f.get("summary/params_active")),
         "params_non_embedding": _num(_first(c, "params/non_embedding") or f.get("summary/params_non_embedding")),
         "flops_per_token": _num(_first(c, "flops/per_token") or f.get("summary/flops_per_token")),
+        "unigram_val_ppl": _num(c.get("data/unigram_ppl_validation")),
+        "bigram_val_ppl": _num(c.get("data/bigram_ppl_validation")),
     }
     row["tokens"] = _last(h, "perf/tokens") or _num(_first(f, "perf/tokens", "summary/tokens"))
     row["compute_flops"] = _last(h, "perf/flops") or _num(_first(f, "perf/flops", "summary/flops"))
@@ -297,6 +334,8 @@ def to_frame(rows: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
     for col in TABLE_COLUMNS:
         if col in INT_COLUMNS:
             df[col] = pd.array([_int(v) for v in df[col]], dtype="Int64")
+        elif col in BOOL_COLUMNS:
+            df[col] = pd.array([_bool(v) for v in df[col]], dtype="boolean")
         elif col in STR_COLUMNS:
             df[col] = pd.Series([None if v is None or (isinstance(v, float) and math.isnan(v)) else str(v) for v in df[col]],
                                 dtype=object, index=df.index)
@@ -398,12 +437,22 @@ def read_run_dir(run_dir: Path) -> RunRecord:
     error = status.get("error") if state != "done" else None
     if state == "unfinished" and not status:
         error = "no status.json (never started, or an old run)"
-    return RunRecord(run_id=run_ids.wandb_run_id(str(task), group, key), name=name, group=group, state=state, error=error,
+    run_id = run_ids.recorded_wandb_id(run_dir) or run_ids.wandb_run_id(str(task), group, key)
+    return RunRecord(run_id=run_id, name=name, group=group, state=state, error=error,
                      config=config, history=history, final=final, source="runs", path=str(run_dir))
 
 
-def _not_started(root: Path, seen: set[str]) -> list[RunRecord]:
-    """Jobs listed in a sweep's ``summary.json`` whose directory does not exist."""
+def _not_started(root: Path, found: Sequence[Path]) -> list[RunRecord]:
+    """Jobs listed in a sweep's ``summary.json`` that have no run directory in that sweep.
+
+    ``summary.json`` records each job's directory as Hydra saw it, i.e. relative to wherever the
+    sweep was launched (or absolute on the launching machine). A sweep read from another working
+    directory, or copied elsewhere, would then list its finished runs again as "not started", so
+    a job is matched by its run-directory *name* inside the directory that holds the summary.
+    """
+    names_by_sweep: dict[Path, set[str]] = {}
+    for d in found:
+        names_by_sweep.setdefault(d.parent.resolve(), set()).add(d.name)
     out = []
     for summary in sorted(Path(root).rglob("summary.json")):
         try:
@@ -412,23 +461,28 @@ def _not_started(root: Path, seen: set[str]) -> list[RunRecord]:
             continue
         if not isinstance(jobs, list):
             continue
+        sweep_dir = summary.parent
+        present = names_by_sweep.get(sweep_dir.resolve(), set())
         for job in jobs:
-            run_dir = Path(str(job.get("dir", "")))
-            if not job.get("dir") or str(run_dir) in seen or run_dir.exists():
+            if not isinstance(job, dict) or not job.get("dir"):
+                continue
+            name = Path(str(job["dir"])).name
+            run_dir = sweep_dir / name
+            if name in present or run_dir.exists():
                 continue
             overrides = dict(o.split("=", 1) for o in str(job.get("job", "")).split() if "=" in o)
             config = {"experts": overrides.get("experts"), "routing_name": overrides.get("routing"),
                       "family": overrides.get("model"), "size": overrides.get("size"), "seed": overrides.get("seed")}
-            group = summary.parent.name
-            out.append(RunRecord(run_id=run_ids.wandb_run_id(str(summary.parent.parent.parent.name), group, run_dir.name),
-                                 name=_SEED_SUFFIX.sub("", run_dir.name), group=group, state="not started",
+            group = sweep_dir.name
+            out.append(RunRecord(run_id=run_ids.wandb_run_id(str(sweep_dir.parent.parent.name), group, name),
+                                 name=_SEED_SUFFIX.sub("", name), group=group, state="not started",
                                  error=job.get("error"), config=config, source="runs", path=str(run_dir)))
     return out
 
 
 def iter_run_dirs(root: Path) -> tuple[int, Iterator[RunRecord]]:
     dirs = find_run_dirs(root)
-    extra = _not_started(root, {str(d) for d in dirs})
+    extra = _not_started(root, dirs)
 
     def gen() -> Iterator[RunRecord]:
         for d in dirs:
@@ -448,9 +502,10 @@ def _wandb_state(exit_code: int | None, summary: Mapping[str, Any], history: Seq
                  config: Mapping[str, Any]) -> tuple[str, str | None]:
     """State of a W&B run from its exit record and what it logged.
 
-    train.py closes the W&B run with exit code 0 even when the job failed (it catches the error to
-    let the sweep continue), so a run that "finished" without the final metrics its config asked
-    for (test if ``test``, else validation if ``train``) is reported as failed. An explicit
+    train.py finishes the W&B run with ``exit_code=1`` when the job fails (``_finish_wandb``), so a
+    non-zero exit code means failed. A run that exited 0 but lacks the final metrics its config
+    asked for (test if ``test``, else validation if ``train``) is reported as failed too: runs
+    written before train.py passed the exit code closed with 0 whatever happened. An explicit
     ``run/state`` summary key (``run/error``) wins if a future train.py writes one.
     """
     if summary.get("run/state"):

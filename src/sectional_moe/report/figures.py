@@ -70,28 +70,36 @@ def _log2_experts(ax: plt.Axes, experts: pd.Series) -> None:
     ax.set_xlabel("experts E (log2)")
 
 
-def _series_label(keys: tuple, names: list[str], multi_size: bool) -> str:
-    parts = [f"{v}" for k, v in zip(names, keys) if k != "size" or multi_size]
-    return " / ".join(parts)
+def line_groups(df: pd.DataFrame, group_by: str) -> tuple[list[str], list[str]]:
+    """(keys that split ``df`` into lines, the subset a legend must name).
+
+    A line is one family and routing (and ``group_by``), further split by every config column that
+    varies within a (family, routing) of ``df`` (:func:`analysis.varying_config_columns`), so
+    seeds are the only runs averaged into a point. Family and size are named only when the plot
+    holds more than one of them.
+    """
+    varying = analysis.varying_config_columns(df)
+    keys = list(dict.fromkeys(["family", "routing", group_by, "size", *varying]))
+    named = [k for k in keys if k not in ("family", "size") or df[k].nunique(dropna=False) > 1 or k in varying]
+    return keys, named
 
 
 def _lines_vs_experts(ax: plt.Axes, df: pd.DataFrame, metric: str, group_by: str) -> int:
-    """Mean over seeds per (family, group_by, size) vs E, min-max bars; dense as dashed lines."""
-    multi_size = df["size"].nunique() > 1
+    """Mean over seeds per config group vs E, min-max bars; dense as dashed lines."""
     routed = df[df["experts"].notna() & df[metric].notna()].astype({"experts": float})
-    keys = ["family", group_by, "size"] if group_by != "family" else ["family", "size"]
-    keys = list(dict.fromkeys(keys))
-    n = 0
-    for gkey, g in routed.groupby(keys, sort=True, dropna=False):
-        gkey = gkey if isinstance(gkey, tuple) else (gkey,)
-        stats = g.groupby("experts")[metric].agg(["mean", "min", "max"]).sort_index()
-        fam = gkey[0]
-        ax.errorbar(stats.index, stats["mean"], yerr=[stats["mean"] - stats["min"], stats["max"] - stats["mean"]],
-                    marker=FAMILY_MARKERS.get(fam, "o"), capsize=3, label=_series_label(gkey, keys, multi_size))
-        n += 1
     dense = df[(df["family"] == "dense") & df[metric].notna()]
-    for size, g in dense.groupby("size", sort=True):
-        ax.axhline(g[metric].mean(), ls="--", color="k", alpha=0.6, label=f"dense{' ' + str(size) if multi_size else ''} (reference)")
+    keys, named = line_groups(pd.concat([routed, dense]), group_by)
+    n = 0
+    for key, g in analysis.config_groups(routed, keys):
+        stats = g.groupby("experts")[metric].agg(["mean", "min", "max"]).sort_index()
+        ax.errorbar(stats.index, stats["mean"], yerr=[stats["mean"] - stats["min"], stats["max"] - stats["mean"]],
+                    marker=FAMILY_MARKERS.get(key["family"], "o"), capsize=3,
+                    label=analysis.group_label({k: key[k] for k in named if k in key}))
+        n += 1
+    dense_keys = [k for k in keys if k not in ("family", "routing") and dense[k].nunique(dropna=False) > 1]
+    for key, g in analysis.config_groups(dense, ["family", *dense_keys]):
+        extra = analysis.group_label({k: key[k] for k in dense_keys}, bare=())
+        ax.axhline(g[metric].mean(), ls="--", color="k", alpha=0.6, label=f"dense{', ' + extra if extra else ''} (reference)")
         n += 1
     if len(routed):
         _log2_experts(ax, routed["experts"])
@@ -102,16 +110,44 @@ def _lines_vs_experts(ax: plt.Axes, df: pd.DataFrame, metric: str, group_by: str
     return n
 
 
+#: Baseline columns drawn on the quality plot: (column, legend name).
+BASELINES = (("unigram_val_ppl", "unigram"), ("bigram_val_ppl", "bigram"))
+
+
+def _baselines(ax: plt.Axes, df: pd.DataFrame, metric: str) -> list[float]:
+    """Horizontal lines at the data's unigram/bigram validation perplexity (log of it for a
+    validation-loss metric); one line per distinct value. Returns the values drawn."""
+    if not metric.startswith("val_"):
+        return []  # the baselines are validation-split numbers
+    as_loss = metric.startswith("val_loss")
+    drawn = []
+    for (col, name), color in zip(BASELINES, ("tab:red", "tab:purple")):
+        for value in sorted({round(float(v), 2) for v in df[col].dropna()}) if col in df.columns else []:
+            y = float(np.log(value)) if as_loss else value
+            unit = f"{y:.3f} nats/token" if as_loss else f"ppl {value:g}"
+            ax.axhline(y, ls=":", lw=1.4, color=color, label=f"{name} baseline (validation, {unit})")
+            drawn.append(y)
+    return drawn
+
+
 # ============================================================================================
 def fig_quality_vs_experts(df: pd.DataFrame, metric: str, group_by: str) -> Figure:
     done = analysis.finished(df)
     title = f"{label(metric)} vs E"
-    cap = (f"{label(metric)} of finished runs against the number of experts E, one line per family and {group_by} "
-           "(mean over seeds, bars: min-max); dense runs are the dashed reference line.")
+    cap = (f"{label(metric)} of finished runs against the number of experts E, one line per family, {group_by} and "
+           "every other config setting that differs between runs (named in the legend; mean over seeds, bars: min-max); "
+           "dense runs are the dashed reference line. Dotted: the data's unigram and bigram validation perplexity "
+           "(the level of token frequencies and of adjacent-token statistics), when logged.")
     if not done[metric].notna().any():
         return Figure("quality_vs_experts", title, cap, skipped=f"no finished run has {metric}")
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
     _lines_vs_experts(ax, done, metric, group_by)
+    drawn = _baselines(ax, done, metric)
+    if drawn:
+        values = done[metric].dropna().astype(float)
+        if max(drawn + values.tolist()) / min(drawn + values.tolist()) > 3 and not metric.startswith("val_loss"):
+            ax.set_yscale("log")  # a unigram ppl of ~10x the models' would flatten their differences
+        ax.legend(fontsize=7)
     ax.set_title(title)
     return Figure("quality_vs_experts", title, cap, png=_png(fig))
 
@@ -167,25 +203,30 @@ def _short(r: pd.Series) -> str:
 def fig_step_cost(df: pd.DataFrame, metric: str, group_by: str, kappas: list[analysis.KappaResult]) -> Figure:
     done = analysis.finished(df)
     title = "Measured step cost vs E, fitted κ and E_opt"
-    cap = ("Steady-state seconds per optimiser step against E (same batch per size). For each sectional (size, routing) with "
-           "enough runs, the line is theory.fit_kappa's step-time model t = t0 + a·g(E) + κE² (g = summed R1 QKV cost "
-           "fraction, κ in s/E²); E_opt measured = swept E with the lowest step time, fitted = argmin of the fitted curve, "
-           "predicted = optimum of the reconstructed S(E) with the fitted a and κ.")
+    cap = ("Steady-state seconds per optimiser step against E. For each group of sectional runs with the same config "
+           "(size, routing and every setting that differs, named in the legend) and enough runs, the dotted line is "
+           "theory.fit_kappa's step-time model t = t0 + a·g(E) + κE², κ in s/E², g = each run's exact training FLOPs per step "
+           "(sectional_moe.flops) relative to the costliest run (R1's summed QKV fraction only when FLOPs are missing); "
+           "E_opt measured = swept E with the lowest step time, fitted = argmin of the fitted curve, predicted = optimum "
+           "of the reconstructed S(E) (R1 compute term only).")
     notes = [f"κ fit skipped for {k.label}: {k.reason}" for k in kappas if k.fit is None]
     routed = done[done["experts"].notna() & done["step_time_s"].notna()]
     if routed.empty:
         return Figure("step_cost_kappa", title, cap, skipped="no finished routed run has a steady-state step time", notes=notes)
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     _lines_vs_experts(ax, done, "step_time_s", group_by)
+    # each fitted curve in the colour of the measured line of its group
+    colors = {lab: h[0].get_color() for h, lab in zip(*ax.get_legend_handles_labels()) if isinstance(h, tuple) or hasattr(h, "lines")}
+    _, named = line_groups(routed, group_by)
     text = []
     for k in kappas:
         if k.fit is None:
             continue
         f = k.fit
         grid = np.geomspace(k.data["experts"].min(), k.data["experts"].max(), 80)
-        model = f.models["quadratic"]
-        ax.plot(grid, model.predict(grid, view=f.view, compute=True), ":", lw=1.5, label=f"κ fit {k.label}")
-        pred = f"{f.predicted.numeric_root:.2f}" if f.predicted else "n/a (κ or a ≤ 0)"
+        line_label = analysis.group_label({c: {"family": "sectional"}.get(c, k.key.get(c)) for c in named})
+        ax.plot(grid, f.predict(grid), ":", lw=1.5, color=colors.get(line_label), label=f"κ fit {k.label}")
+        pred = f"{f.predicted.numeric_root:.2f}" if f.predicted else "n/a"
         text.append(f"{k.label}: κ={f.kappa:.3g}±{f.kappa_se:.2g} s/E², ΔAIC(lin−quad)={f.delta_aic:.2f}\n"
                     f"  E_opt measured={f.measured_e_opt:g}, fitted={f.fitted_e_opt:.2f}, predicted={pred}")
     if text:
@@ -209,10 +250,13 @@ def fig_expert_load(df: pd.DataFrame, metric: str, group_by: str) -> Figure:
     _lines_vs_experts(axes[0], moe, "load_max_over_mean", "routing")
     axes[0].axhline(1.0, color="grey", lw=0.8)
     axes[0].set_ylabel("max / mean expert load")
+    _, named = line_groups(moe, "routing")
     for _, r in moe.iterrows():
         fr = expert_fractions(r["expert_frac"])
         if fr.size:
-            axes[1].plot(np.arange(1, fr.size + 1) / fr.size, np.sort(fr)[::-1] * fr.size, marker=".", label=_short(r))
+            run_label = analysis.group_label({k: r[k] for k in named}) + f", E={int(r['experts'])}" + (
+                "" if pd.isna(r["seed"]) else f", seed={int(r['seed'])}")
+            axes[1].plot(np.arange(1, fr.size + 1) / fr.size, np.sort(fr)[::-1] * fr.size, marker=".", label=run_label)
     axes[1].axhline(1.0, color="grey", lw=0.8)
     axes[1].set_xlabel("expert rank / E (sorted by load)")
     axes[1].set_ylabel("share of assignments x E")
@@ -228,6 +272,7 @@ def fig_scaling(df: pd.DataFrame, metric: str, group_by: str, fits: list[analysi
            "(theory.fit_parametric); shaded: 2.5-97.5 percentile band of a run-level bootstrap. C in FLOPs as above, "
            "C0 = geometric mean of the family's budgets.")
     notes = [f"{f.family}: {f.law} fit skipped: {f.reason}" for f in fits if f.reason]
+    notes += [f"{f.family}: {f.law} caveat: {w}" for f in fits if f.reason is None for w in f.warnings]
     good = [f for f in fits if f.reason is None]
     if not good:
         return Figure("scaling_fits", title, cap, notes=notes,

@@ -59,7 +59,11 @@ class Report:
     def comparison(self) -> pd.DataFrame:
         """Finished runs, best first by ``metric`` (missing values last)."""
         done = analysis.finished(self.table)
-        return done.sort_values(self.metric, ascending=analysis.ascending(self.metric), na_position="last", kind="stable")[list(DISPLAY_COLUMNS)]
+        # the settings that tell runs apart (e.g. sectional_every) go next to the identity columns
+        varying = [c for c in analysis.varying_config_columns(done) if c not in DISPLAY_COLUMNS]
+        cols = list(DISPLAY_COLUMNS)
+        cols[cols.index("seed") + 1:cols.index("seed") + 1] = varying
+        return done.sort_values(self.metric, ascending=analysis.ascending(self.metric), na_position="last", kind="stable")[cols]
 
     def not_finished(self) -> pd.DataFrame:
         bad = self.table[self.table["state"] != "done"]
@@ -99,6 +103,8 @@ def fmt(value: Any, col: str = "") -> str:
     """Human formatting: engineering notation for counts, 4 significant digits otherwise."""
     if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
         return ""
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value)).lower()
     if isinstance(value, (int, np.integer)):
         return str(int(value))
     if isinstance(value, (float, np.floating)):
@@ -205,6 +211,8 @@ def render_markdown(report: Report, figure_dir: str = "figures") -> str:
 
 
 def _json_default(x: Any) -> Any:
+    if isinstance(x, np.bool_):
+        return bool(x)
     if isinstance(x, (np.integer,)):
         return int(x)
     if isinstance(x, (np.floating,)):

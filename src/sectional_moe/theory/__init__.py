@@ -24,6 +24,7 @@ from sectional_moe.theory.cost_model import (
     e_opt_closed_form,
     e_opt_table,
     fit_kappa,
+    kappa_in_macs,
     qkv_cost_traditional,
     r1_parallel_qkv_factor,
     r1_qkv_cost_fraction,
@@ -51,7 +52,7 @@ from sectional_moe.theory.laws import LAWS, Law, chinchilla_frontier, get_law, w
 from sectional_moe.theory.planner import Plan, PlannedRun, plan
 
 __all__ = [
-    "EOpt", "KappaFit", "block_flops_comparison", "e_opt", "e_opt_closed_form", "e_opt_table", "fit_kappa",
+    "EOpt", "KappaFit", "block_flops_comparison", "e_opt", "e_opt_closed_form", "e_opt_table", "fit_kappa", "kappa_in_macs",
     "qkv_cost_traditional", "r1_parallel_qkv_factor", "r1_qkv_cost_fraction", "r1_summed_qkv_factor",
     "reduction_table", "reported_attention_factor", "reported_qkv_factor", "savings",
     "DropRule", "FitResult", "apply_drop_rules", "bootstrap_chinchilla", "bootstrap_fit", "extrapolation_eval",

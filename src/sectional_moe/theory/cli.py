@@ -230,17 +230,19 @@ def cmd_fit_chinchilla(args: argparse.Namespace) -> int:
 
 def cmd_fit_kappa(args: argparse.Namespace) -> int:
     df = _read_csv(args.file)
-    cols = [args.e_col, args.time_col] + ([args.compute_col] if args.compute_col else [])
+    cols = [args.e_col, args.time_col] + [c for c in (args.compute_col, args.work_col) if c]
     _need(df, *cols)
     kept, dropped = ft.apply_drop_rules(df, [ft.drop_nonfinite(*cols)])
     r = cm.fit_kappa(experts=kept[args.e_col], step_time=kept[args.time_col],
+                     compute=kept[args.work_col] if args.work_col else None,
                      compute_time=kept[args.compute_col] if args.compute_col else None, view=args.view, a_time=args.a_time)
     if args.json:
         out = r.to_dict()
         out["dropped"] = dropped.to_dict(orient="records")
         _emit_json(out)
         return 0
-    print(f"κ fit from {len(kept)} measurements of {args.file} (mode {r.mode}, R1 view {r.view}) [I]")
+    term = f"exact compute from column {args.work_col!r}" if r.compute_term == "exact" else f"R1 {r.view} (fallback)"
+    print(f"κ fit from {len(kept)} measurements of {args.file} (mode {r.mode}, compute term g(E): {term}) [I]")
     rows = []
     for name, m in r.models.items():
         slope = "kappa" if name == "quadratic" else "lambda"
@@ -248,14 +250,15 @@ def cmd_fit_kappa(args: argparse.Namespace) -> int:
     print(format_table(pd.DataFrame(rows), {"slope": ".4g", "se": ".3g", "RSS": ".4g", "AIC": ".2f", "AICc": ".2f"}))
     verdict = "quadratic (as the paper claims [S])" if r.preferred == "quadratic" else "linear (against the paper's quadratic claim)"
     print(f"  preferred by AIC: {verdict}; ΔAIC(linear − quadratic) = {r.delta_aic:.2f}")
-    print(f"  κ = {r.kappa:.4g} ± {r.kappa_se:.2g} (time per E²); A_trad in time units = {r.a_time:.4g} ({r.a_time_source})")
+    unit = "time of the costliest run's compute" if r.compute_term == "exact" else "A_trad in time units"
+    print(f"  κ = {r.kappa:.4g} ± {r.kappa_se:.2g} (time per E²); a ({unit}) = {r.a_time:.4g} ({r.a_time_source})")
     print(f"  E_opt measured (lowest mean step time in the sweep): {r.measured_e_opt:g}")
     print(f"  E_opt of the fitted curve (continuous, within the sweep): {r.fitted_e_opt:.3f}")
     if r.predicted:
         p = r.predicted
         print(f"  E_opt predicted by S(E) [I]: closed form {p.closed_form:.3f}, root {p.numeric_root:.3f}, best integer {p.best_integer}, best power of two {p.best_power_of_two}")
     else:
-        print("  E_opt predicted: n/a (fitted κ or A_trad not positive)")
+        print(f"  E_opt predicted: n/a ({r.predicted_note})")
     print()
     print(format_table(r.per_e, {"mean_time": ".5g", "fit_quadratic": ".5g", "fit_linear": ".5g"}))
     return 0
@@ -318,7 +321,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     p = pl.plan(
         budget=args.budget, family=args.family, experts=_int_list(args.experts) if args.experts else None, routing=args.routing,
         law=args.law, coefficients=args.coefficients, seq_len=args.seq_len, batch_size=args.batch_size,
-        vocab_size=args.vocab_size, top_k=args.top_k, per_expert=args.per_expert, group=args.group,
+        vocab_size=args.vocab_size, top_k=args.top_k, kappa=args.kappa, sectional_every=args.sectional_every,
+        per_expert=args.per_expert, group=args.group,
     )
     if args.json:
         _emit_json(p.to_dict())
@@ -326,15 +330,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
     print(f"Plan for C = {p.budget:.3g} FLOPs, family {p.family}")
     print(f"  law: {p.law_provenance}")
     print("  allocation: " + ", ".join(f"{k}={v:.4g}" for k, v in p.allocation.items()))
+    print(f"  batch: {p.batch_rule}")
+    print(f"  experts: {p.expert_choice.get('rule')}")
     rows = [{
-        "E": r.experts, "d_model": r.d_model, "layers": r.n_layers, "heads": f"{r.n_heads}/{r.n_kv_heads}", "d_ff": r.d_ff,
-        "N_total": r.n_total, "N_active": r.n_active, "M (FLOP/tok)": r.flops_per_token, f"vs {r.target_name}": r.matched,
-        "tokens": r.tokens, "D_opt(law)": r.law_d_opt, "steps": r.max_steps,
+        "E": r.experts, "top_k": r.top_k, "d_model": r.d_model, "layers": r.n_layers, "heads": f"{r.n_heads}/{r.n_kv_heads}",
+        "d_ff": r.d_ff, "N_total": r.n_total, "N_active": r.n_active, "M (FLOP/tok)": r.flops_per_token,
+        f"vs {r.target_name}": r.matched, "tokens": r.tokens, "D_opt(law)": r.law_d_opt, "batch": r.batch_size, "steps": r.max_steps,
+        "pred. loss": r.predicted_loss,
     } for r in p.runs]
     print(format_table(pd.DataFrame(rows), {"N_total": ".3g", "N_active": ".3g", "M (FLOP/tok)": ".3g", f"vs {p.runs[0].target_name}" if p.runs else "x": ".3g",
-                                             "tokens": ".3g", "D_opt(law)": ".3g"}))
-    print(f"  tokens = C / M (exact training FLOPs per token incl. attention and LM head); tokens/step = "
-          f"{args.batch_size}·{args.seq_len} = {args.batch_size * args.seq_len}")
+                                             "tokens": ".3g", "D_opt(law)": ".3g", "pred. loss": ".4g"}))
+    print("  tokens = C / M (exact training FLOPs per token incl. attention and LM head); steps = tokens / (batch · seq_len)")
+    for r in p.runs[:1]:
+        print(f"  predicted loss ({r.predicted_loss_law}): {r.predicted_loss_note}")
     for n in p.notes:
         print(f"  note: {n}")
     print()
@@ -409,7 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
     fk.add_argument("--e-col", default="experts")
     fk.add_argument("--time-col", default="step_time")
     fk.add_argument("--compute-col", default=None, help="analytic compute time per step to subtract (overhead mode)")
-    fk.add_argument("--view", choices=["summed", "parallel"], default="summed", help="R1 compute shape g(E)")
+    fk.add_argument("--work-col", default=None,
+                    help="exact compute of each run (e.g. flops_per_token, or FLOPs per step) used as g(E); default: R1 (fallback)")
+    fk.add_argument("--view", choices=["summed", "parallel"], default="summed", help="R1 compute shape g(E) when no --work-col")
     fk.add_argument("--a-time", type=float, default=None, help="A_trad in the time unit, for the predicted E_opt")
     fk.add_argument("--json", action="store_true")
     fk.set_defaults(func=cmd_fit_kappa)
@@ -440,14 +450,17 @@ def build_parser() -> argparse.ArgumentParser:
     pp = sub.add_parser("plan", help="compute-optimal configurations and the Hydra sweep command")
     pp.add_argument("--budget", type=float, required=True, help="training compute C in FLOPs")
     pp.add_argument("--family", choices=["dense", "moe", "sectional"], required=True)
-    pp.add_argument("--experts", default=None, help="comma list, default 4,8 (MoE families)")
+    pp.add_argument("--experts", default=None, help="comma list; default: chosen from the laws (Zhao G* for moe, cost-model E_opt for sectional)")
     pp.add_argument("--routing", default=None)
     pp.add_argument("--law", choices=["chinchilla", "wan2026"], default=None)
     pp.add_argument("--coefficients", default="epoch_mle", choices=sorted(lw.CHINCHILLA.published))
     pp.add_argument("--seq-len", type=int, default=256)
-    pp.add_argument("--batch-size", type=int, default=16, help="data.batch_size (per device)")
+    pp.add_argument("--batch-size", type=int, default=None,
+                    help="sequences per step; default round(0.2920·C^0.3271 / seq_len) (DeepSeek LLM Eq. 1)")
     pp.add_argument("--vocab-size", type=int, default=8192)
-    pp.add_argument("--top-k", type=int, default=2)
+    pp.add_argument("--top-k", type=int, default=None, help="moe experts per token; default round(Zhao G*) = 7, fine-grained")
+    pp.add_argument("--kappa", type=float, default=None, help="sectional overhead κ in MACs per E² (default: a placeholder, see notes)")
+    pp.add_argument("--sectional-every", type=int, default=2, help="every k-th layer sectional (conf/model/sectional.yaml: 2)")
     pp.add_argument("--per-expert", type=int, default=1, help="shapes to propose per expert count")
     pp.add_argument("--group", default=None, help="W&B group (default plan_<budget>)")
     pp.add_argument("--json", action="store_true")

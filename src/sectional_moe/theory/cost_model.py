@@ -212,6 +212,20 @@ def savings_derivative(
     return _scalar(a_trad * g - 2.0 * kappa * E)
 
 
+def kappa_in_macs(*, kappa_time: float, a_time: float, a_macs: float) -> float:
+    """A measured κ (time per E², from :func:`fit_kappa`) in this module's unit, MACs per E² [I].
+
+    ``a_time`` is the fitted time of the compute term at g = 1 and ``a_macs`` the MACs that g = 1
+    stands for: with the R1 term that is ``A_trad = 3·L·d0²`` of the measured shape (then
+    ``KappaFit.a_time`` is A_trad in time units). κ/a is dimensionless, so
+    ``κ_MACs = κ_time / a_time · a_macs``. Assumes the overhead scales like compute between the
+    measured setting and the one it is applied to.
+    """
+    if a_time <= 0:
+        raise ValueError(f"a_time={a_time} must be > 0 (the fitted compute term is not positive)")
+    return kappa_time / a_time * a_macs
+
+
 def e_opt_closed_form(*, a_trad: float, kappa: float) -> float:
     """Closed-form optimum ``E* ≈ (A_trad/(2κ))^(1/3) = (3·L·d0²/(2κ))^(1/3)`` [I].
 
@@ -393,11 +407,12 @@ class OverheadModel:
     aic: float
     aicc: float
 
-    def predict(self, experts: np.ndarray, *, view: View, compute: bool) -> np.ndarray:
+    def predict(self, experts: np.ndarray, *, g: np.ndarray | None) -> np.ndarray:
+        """Fitted time at ``experts``; ``g`` = the compute term g(E) there (None: no compute term)."""
         E = np.asarray(experts, dtype=float)
         out = self.coef["t0"] + np.zeros_like(E)
-        if compute:
-            out = out + self.coef["a"] * np.asarray(r1_qkv_cost_fraction(E, view=view))
+        if g is not None and "a" in self.coef:
+            out = out + self.coef["a"] * np.asarray(g, dtype=float)
         slope = self.coef.get("kappa", self.coef.get("lambda"))
         return out + slope * (E**2 if self.name == "quadratic" else E)
 
@@ -414,12 +429,35 @@ class KappaFit:
     kappa_se: float
     view: str
     mode: str  # "step_time" (compute term fitted) or "overhead" (compute column subtracted)
-    a_time: float  # A_trad in time units used for the prediction
+    compute_term: str  # what g(E) is: "exact" (the caller's compute, / its max) or "r1_summed" | "r1_parallel"
+    a_time: float  # time of g = 1 used for the S(E) prediction: A_trad in time units under R1
     a_time_source: str
+    a_fit: float  # time of g = 1 as fitted (step-time model) or regressed from compute_time; 0 if none
     measured_e_opt: float  # sweep E with the lowest mean measured step time
     fitted_e_opt: float  # continuous argmin of the fitted quadratic-overhead step time
-    predicted: EOpt | None  # S(E) optimum with a = a_time and the fitted κ
-    per_e: pd.DataFrame  # E, mean measured time, n, fitted times of both models
+    predicted: EOpt | None  # S(E) optimum with a = a_time and the fitted κ (R1 compute term only)
+    predicted_note: str  # why ``predicted`` is None, or ""
+    per_e: pd.DataFrame  # E, mean measured time, n, mean g, fitted times of both models
+    g_coef: list[float] | None = None  # exact term between swept E: coefficients of COMPUTE_BASIS
+
+    def g(self, experts: np.ndarray) -> np.ndarray:
+        """The compute term g(E) at any E (dimensionless): R1's closed form, or, for the exact
+        term, the swept values continued by :data:`COMPUTE_BASIS` (or, if that does not fit them,
+        interpolated linearly in (log E, log g), constant beyond the sweep)."""
+        E = np.asarray(experts, dtype=float)
+        if self.compute_term != "exact":
+            return np.asarray(r1_qkv_cost_fraction(E, view=self.view), dtype=float)
+        if self.g_coef is not None:
+            return _compute_basis(E, len(self.g_coef)) @ np.asarray(self.g_coef)
+        return np.exp(np.interp(np.log(E), np.log(self.per_e["E"]), np.log(self.per_e["g"])))
+
+    def predict(self, experts: np.ndarray, model: str = "quadratic") -> np.ndarray:
+        """Fitted step time (s) at ``experts``: the overhead model plus the compute term."""
+        E = np.asarray(experts, dtype=float)
+        m = self.models[model]
+        if self.mode == "step_time":
+            return m.predict(E, g=self.g(E))
+        return m.predict(E, g=None) + self.a_fit * self.g(E)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -430,13 +468,39 @@ class KappaFit:
             "kappa_se": self.kappa_se,
             "view": self.view,
             "mode": self.mode,
+            "compute_term": self.compute_term,
             "a_time": self.a_time,
             "a_time_source": self.a_time_source,
+            "a_fit": self.a_fit,
             "measured_e_opt": self.measured_e_opt,
             "fitted_e_opt": self.fitted_e_opt,
             "predicted": self.predicted.to_dict() if self.predicted else None,
+            "predicted_note": self.predicted_note,
+            "g_coef": self.g_coef,
             "per_e": self.per_e.to_dict(orient="records"),
         }
+
+
+#: Functions of E that FLOPs per token of our sectional stacks are a linear combination of [D]
+#: (sectional_moe.flops): a constant (dense layers, merge), 1/E (summed expert sections; a
+#: pre-expert layer on L/r positions when r = E), 1/E² (its attention over L/r keys when r = E)
+#: and E (a learned router's d x E logits). Exact for a fixed r and for r = E.
+COMPUTE_BASIS = ("1", "1/E", "1/E^2", "E")
+
+
+def _compute_basis(E: np.ndarray, n: int) -> np.ndarray:
+    E = np.asarray(E, dtype=float)
+    return np.column_stack([np.ones_like(E), 1.0 / E, 1.0 / E**2, E][:n])
+
+
+def _fit_compute_basis(E: np.ndarray, g: np.ndarray, rtol: float = 1e-6) -> list[float] | None:
+    """Coefficients of the first min(4, #E) basis functions through the swept (E, g), or None when
+    they do not reproduce the values to ``rtol`` (then g is interpolated instead)."""
+    X = _compute_basis(E, min(len(COMPUTE_BASIS), E.size))
+    coef, *_ = np.linalg.lstsq(X, g, rcond=None)
+    if np.max(np.abs(X @ coef - g)) > rtol * np.max(np.abs(g)):
+        return None
+    return [float(c) for c in coef]
 
 
 def _ols(X: np.ndarray, y: np.ndarray, names: list[str]) -> tuple[dict[str, float], dict[str, float], float]:
@@ -463,6 +527,7 @@ def fit_kappa(
     *,
     experts: Iterable[float],
     step_time: Iterable[float],
+    compute: Iterable[float] | None = None,
     compute_time: Iterable[float] | None = None,
     view: View = "summed",
     a_time: float | None = None,
@@ -472,14 +537,28 @@ def fit_kappa(
     Two models, each by ordinary least squares, compared by Gaussian AIC (and AICc):
 
     * ``mode="step_time"`` (no ``compute_time``): ``t = t0 + a·g(E) + κE²`` vs
-      ``t = t0 + a·g(E) + λE``, where ``g(E) = A_sect/A_trad`` of R1 (``view``) carries the
-      compute saving; ``a`` is then A_trad in time units;
+      ``t = t0 + a·g(E) + λE``, where g(E) carries the compute cost of each run;
     * ``mode="overhead"`` (``compute_time`` given, e.g. analytic FLOPs / peak throughput):
       ``t − t_compute = t0 + κE²`` vs ``t0 + λE``; ``a`` comes from regressing ``t_compute`` on g(E).
 
+    The compute term g(E):
+
+    * ``compute`` given (preferred): the exact compute of each measured run in any unit, e.g.
+      training FLOPs per step or per token from :mod:`sectional_moe.flops`, divided by its
+      maximum (dimensionless, 1 = the most expensive run); right for any seq_reduction,
+      sectional_every or block layout. If it is the same for every run, the a·g term is dropped.
+    * otherwise the fallback: R1's ``A_sect/A_trad`` (``view``), which assumes the whole step is
+      the QKV of a block with r = E, so ``a`` is A_trad in time units. Wrong for a fixed
+      seq_reduction or mixed dense/sectional layers.
+
+    Units: E dimensionless; times (step_time, compute_time, t0, a) in the caller's unit (seconds
+    per step in the report); κ in time per E², λ in time per E.
+
     E_opt: *measured* = the swept E with the lowest mean step time; *fitted* = the continuous
-    argmin of the fitted quadratic model on [min E, max E]; *predicted* = :func:`e_opt` of the
-    reconstructed S(E) with ``a_time`` (if given, A_trad in seconds) or the fitted ``a`` and κ.
+    argmin of the fitted quadratic model on [min E, max E] (the exact g continued between swept E
+    by :data:`COMPUTE_BASIS`);
+    *predicted* = :func:`e_opt` of the reconstructed S(E) with ``a_time`` (if given, A_trad in
+    time units) or the fitted ``a`` and κ — only with the R1 term, because S(E) is R1's model.
     """
     E = np.asarray(list(experts), dtype=float)
     t = np.asarray(list(step_time), dtype=float)
@@ -487,11 +566,19 @@ def fit_kappa(
         raise ValueError("experts and step_time must be non-empty and of equal length")
     if np.any(E <= 0) or not np.all(np.isfinite(t)):
         raise ValueError("experts must be > 0 and step times finite")
-    g = np.asarray(r1_qkv_cost_fraction(E, view=view))
+    if compute is not None:
+        work = np.asarray(list(compute), dtype=float)
+        if work.shape != E.shape or not np.all(np.isfinite(work)) or np.any(work <= 0):
+            raise ValueError("compute must hold one finite value > 0 per measurement")
+        g, compute_term = work / work.max(), "exact"
+    else:
+        g, compute_term = np.asarray(r1_qkv_cost_fraction(E, view=view), dtype=float), f"r1_{view}"
+    # identical compute for every run (e.g. only the router changes): a·g would duplicate t0
+    has_g = bool(np.ptp(g) > 1e-12 * np.max(np.abs(g)))
     one = np.ones_like(E)
     if compute_time is None:
         mode, y = "step_time", t
-        base, names = [one, g], ["t0", "a"]
+        base, names = ([one, g], ["t0", "a"]) if has_g else ([one], ["t0"])
     else:
         mode = "overhead"
         tc = np.asarray(list(compute_time), dtype=float)
@@ -501,52 +588,44 @@ def fit_kappa(
     if np.unique(E).size < len(base) + 1 or E.size < need:
         raise ValueError(f"need at least {len(base) + 1} distinct E and {need} measurements for mode={mode}")
     models = {}
-    for name, col, cname, formula in (
-        ("quadratic", E**2, "kappa", "t0 + a*g(E) + kappa*E^2" if mode == "step_time" else "t - t_compute = t0 + kappa*E^2"),
-        ("linear", E, "lambda", "t0 + a*g(E) + lambda*E" if mode == "step_time" else "t - t_compute = t0 + lambda*E"),
-    ):
+    lhs = "t" if mode == "step_time" else "t - t_compute"
+    g_term = " + a*g(E)" if "a" in names else ""
+    for name, col, cname, term in (("quadratic", E**2, "kappa", "kappa*E^2"), ("linear", E, "lambda", "lambda*E")):
         X = np.column_stack(base + [col])
         coef, se, rss = _ols(X, y, names + [cname])
         aic, aicc = _aic(rss, E.size, X.shape[1])
-        models[name] = OverheadModel(name, formula, coef, se, rss, int(E.size), int(X.shape[1]), aic, aicc)
+        models[name] = OverheadModel(name, f"{lhs} = t0{g_term} + {term}", coef, se, rss, int(E.size), int(X.shape[1]), aic, aicc)
     quad = models["quadratic"]
     if mode == "step_time":
-        a_fit, a_src = quad.coef["a"], "fitted a (step-time model)"
+        a_fit, a_src = quad.coef.get("a", 0.0), "fitted a (step-time model)" if has_g else "n/a: compute identical across runs"
+    elif has_g:
+        _, a_c = np.linalg.lstsq(np.column_stack([np.ones_like(g), g]), tc, rcond=None)[0]
+        a_fit, a_src = float(a_c), "regression of compute_time on g(E)"
     else:
-        if np.ptp(g) > 0:
-            _, a_c = np.linalg.lstsq(np.column_stack([np.ones_like(g), g]), tc, rcond=None)[0]
-            a_fit, a_src = float(a_c), "regression of compute_time on g(E)"
-        else:
-            a_fit, a_src = float("nan"), "n/a"
+        a_fit, a_src = float("nan"), "n/a"
     a_use, a_src = (float(a_time), "given a_time") if a_time is not None else (float(a_fit), a_src)
     kappa = quad.coef["kappa"]
-    predicted = e_opt(a_trad=a_use, kappa=kappa, view=view) if (a_use > 0 and kappa > 0) else None
-    uniq = np.unique(E)
-    means = np.array([t[E == e].mean() for e in uniq])
-    counts = np.array([(E == e).sum() for e in uniq])
-    per_e = pd.DataFrame({"E": uniq, "mean_time": means, "n": counts})
-    tc_mean = np.array([tc[E == e].mean() for e in uniq]) if compute_time is not None else 0.0
-    for name, m in models.items():
-        per_e[f"fit_{name}"] = m.predict(uniq, view=view, compute=(mode == "step_time")) + tc_mean
-    # continuous argmin of the fitted quadratic step-time curve over the swept range
-    if mode == "step_time":
-        f = lambda e: float(quad.predict(np.array(e), view=view, compute=True))  # noqa: E731
+    predicted, note = None, ""
+    if compute_term == "exact":
+        note = "S(E) is R1's model; with the exact compute term only the measured and fitted E_opt apply"
+    elif not (a_use > 0 and kappa > 0):
+        note = f"S(E) has no interior optimum with a = {a_use:.3g} and κ = {kappa:.3g} (both must be > 0)"
     else:
-        a_c = a_fit if np.isfinite(a_fit) else 0.0
-        f = lambda e: float(quad.predict(np.array(e), view=view, compute=False) + a_c * r1_qkv_cost_fraction(e, view=view))  # noqa: E731
-    res = optimize.minimize_scalar(f, bounds=(float(uniq.min()), float(uniq.max())), method="bounded", options={"xatol": 1e-9})
-    return KappaFit(
-        models=models,
-        preferred=min(models, key=lambda k: models[k].aic),
-        delta_aic=models["linear"].aic - models["quadratic"].aic,
-        kappa=kappa,
-        kappa_se=quad.se["kappa"],
-        view=view,
-        mode=mode,
-        a_time=a_use,
-        a_time_source=a_src,
-        measured_e_opt=float(uniq[int(np.argmin(means))]),
-        fitted_e_opt=float(res.x),
-        predicted=predicted,
-        per_e=per_e,
+        predicted = e_opt(a_trad=a_use, kappa=kappa, view=view)
+    uniq = np.unique(E)
+    per_e = pd.DataFrame({"E": uniq, "mean_time": [t[E == e].mean() for e in uniq], "n": [(E == e).sum() for e in uniq],
+                          "g": [g[E == e].mean() for e in uniq]})
+    fit = KappaFit(
+        models=models, preferred=min(models, key=lambda k: models[k].aic),
+        delta_aic=models["linear"].aic - models["quadratic"].aic, kappa=kappa, kappa_se=quad.se["kappa"], view=view,
+        mode=mode, compute_term=compute_term, a_time=a_use, a_time_source=a_src, a_fit=float(a_fit) if np.isfinite(a_fit) else 0.0,
+        measured_e_opt=float(uniq[int(np.argmin(per_e["mean_time"]))]), fitted_e_opt=float("nan"),
+        predicted=predicted, predicted_note=note, per_e=per_e,
+        g_coef=_fit_compute_basis(uniq, per_e["g"].to_numpy()) if compute_term == "exact" else None,
     )
+    for name in models:
+        per_e[f"fit_{name}"] = fit.predict(uniq, name)
+    res = optimize.minimize_scalar(lambda e: float(fit.predict(np.array([e]))[0]), bounds=(float(uniq.min()), float(uniq.max())),
+                                   method="bounded", options={"xatol": 1e-9})
+    fit.fitted_e_opt = float(res.x)
+    return fit
