@@ -20,6 +20,8 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
+import re
 import shlex
 import subprocess
 import sys
@@ -51,6 +53,7 @@ class Study:
     sweeps: dict[str, list[str]]  # scale -> sweep lines ("*" for every scale)
     scales: dict[str, list[str]]
     report: dict[str, Any]
+    parallel: int | None = None  # concurrent sweeps on the cpu scale (None: one per core); 1 for timing studies
 
     def group(self, scale: str) -> str:
         return f"study-{self.name}-{scale}"
@@ -92,7 +95,8 @@ def load_study(name: str) -> Study:
     return Study(name=name, question=raw["question"].strip(), hypothesis=raw["hypothesis"].strip(),
                  metric=raw["metric"], read=raw["read"].strip(),
                  sweeps=raw["sweeps"] if isinstance(raw["sweeps"], dict) else {"*": list(raw["sweeps"])},
-                 scales={k: list(v) for k, v in raw["scales"].items()}, report=dict(raw.get("report") or {}))
+                 scales={k: list(v) for k, v in raw["scales"].items()}, report=dict(raw.get("report") or {}),
+                 parallel=raw.get("parallel"))
 
 
 @contextlib.contextmanager
@@ -169,23 +173,91 @@ def format_dry_run(study: Study, scale: str, rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def train_commands(study: Study, scale: str, extra: list[str]) -> list[list[str]]:
-    """One ``python train.py -m`` command per sweep of the study, all in the study's group."""
+def train_commands(study: Study, scale: str, extra: list[str], parallel: int = 1) -> list[list[str]]:
+    """One ``python train.py -m`` command per sweep of the study (each split into up to
+    ``parallel`` parts), all in the study's group, the commands with the most jobs first."""
     base = [sys.executable, str(REPO / "train.py"), "-m", f"task_name={TASK_NAME}", f"group={study.group(scale)}"]
-    return [base + study.scale_overrides(scale) + shlex.split(sweep) + list(extra) for sweep in study.sweep_lines(scale)]
+    lines = [part for sweep in study.sweep_lines(scale) for part in split_sweep_line(sweep, parallel)]
+    if parallel > 1:
+        lines.sort(key=lambda line: -len(expand_sweep(shlex.split(line))))
+    return [base + study.scale_overrides(scale) + shlex.split(line) + list(extra) for line in lines]
+
+
+def _run_concurrently(commands: list[list[str]], parallel: int, log_dir: Path) -> int:
+    """Run ``commands`` with at most ``parallel`` at a time; return the worst exit code."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+
+    def one(i: int, cmd: list[str]) -> int:
+        log = log_dir / f"sweep-{i:02d}.log"
+        print(f"[{i}] start ({len(commands)} sweeps, {parallel} at a time): {' '.join(shlex.quote(c) for c in cmd[3:])}\n"
+              f"[{i}]   log: {log}", flush=True)
+        start = time.monotonic()
+        with log.open("w") as out:
+            rc = subprocess.run(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
+        print(f"[{i}] exit {rc} after {time.monotonic() - start:.0f} s", flush=True)
+        return rc
+
+    with ThreadPoolExecutor(max_workers=parallel) as pool:
+        return max(pool.map(lambda ic: one(*ic), enumerate(commands)), default=0)
 
 
 def sweep_dir(study: Study, scale: str, log_dir: Path = REPO / "outputs") -> Path:
     return log_dir / TASK_NAME / "multirun" / study.group(scale)
 
 
-def run(study: Study, scale: str, extra: list[str], report_out: Path | None) -> int:
+# a plain comma list `key=a,b,c` (no quotes, interpolations, ranges or globs): safe to split
+_PLAIN_SWEEP = re.compile(r"^([+~]*[\w./@-]+)=([^'\"${}\[\]()\s]+(?:,[^'\"${}\[\]()\s,]+)+)$")
+
+
+def split_sweep_line(line: str, parts: int) -> list[str]:
+    """Split a sweep line into up to ``parts`` lines with the same jobs between them, by cutting
+    the value list of its longest plain ``key=a,b,c`` sweep; a line without one stays whole."""
+    tokens = shlex.split(line)
+    lists = [(len(m.group(2).split(",")), i, m) for i, t in enumerate(tokens) if (m := _PLAIN_SWEEP.match(t))]
+    if parts <= 1 or not lists:
+        return [line]
+    n, i, match = max(lists, key=lambda x: (x[0], -x[1]))
+    values = match.group(2).split(",")
+    chunks = [values[k::parts] for k in range(min(parts, n))]
+    return [shlex.join(tokens[:i] + [f"{match.group(1)}={','.join(chunk)}"] + tokens[i + 1:]) for chunk in chunks]
+
+
+def resolve_parallel(parallel: str | int, scale: str, study: Study | None = None) -> int:
+    """``--parallel auto``: the study's own ``parallel`` if it sets one (a study that measures step
+    time must not share the cores: ``parallel: 1``), else every core on the CPU scale (one
+    single-threaded job per core: nano models barely use a second thread), and one at a time
+    otherwise (jobs go to GPUs or SLURM)."""
+    if str(parallel) == "auto":
+        if study is not None and study.parallel is not None:
+            return int(study.parallel)
+        return max(1, os.cpu_count() or 1) if scale == "cpu" else 1
+    value = int(parallel)
+    if value < 1:
+        raise ConfigError("--parallel", f"--parallel {value}: pass a positive number of concurrent sweeps, or auto")
+    return value
+
+
+def run(study: Study, scale: str, extra: list[str], report_out: Path | None, parallel: int = 1) -> int:
     """Run every sweep of the study (each failing job is recorded, the others go on), then write
-    the report; returns the worst exit code."""
+    the report; returns the worst exit code.
+
+    With ``parallel`` > 1 up to that many ``train.py -m`` processes run at once, each with one
+    intra-op thread (``OMP_NUM_THREADS=1`` unless set): the sweep lines are split into
+    balanced parts (:func:`split_sweep_line`), the largest start first, and each writes its log to
+    ``<sweep dir>/logs/``. Every job still lands in the study's one sweep directory and W&B group.
+    """
+    commands = train_commands(study, scale, extra, parallel)
     worst = 0
-    for cmd in train_commands(study, scale, extra):
-        print("$", " ".join(shlex.quote(c) for c in cmd[1:]), flush=True)
-        worst = max(worst, subprocess.run(cmd, cwd=REPO).returncode)
+    if parallel <= 1:
+        for cmd in commands:
+            print("$", " ".join(shlex.quote(c) for c in cmd[1:]), flush=True)
+            worst = max(worst, subprocess.run(cmd, cwd=REPO).returncode)
+    else:
+        worst = _run_concurrently(commands, parallel, sweep_dir(study, scale) / "logs")
     if report_out is not None:
         cmd = [sys.executable, "-m", "sectional_moe.report", str(sweep_dir(study, scale)), "--out", str(report_out),
                "--metric", study.metric, *study.report.get("args", [])]
@@ -211,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--report-dir", type=Path, default=None,
                            help="where the report goes (default docs/results/<study>-<scale>)")
             p.add_argument("--no-report", action="store_true")
+            p.add_argument("--parallel", default="auto",
+                           help="sweeps run at once, one thread each (default auto: every core on the cpu scale, 1 on gpu)")
         if name in ("run", "commands"):
             p.add_argument("overrides", nargs="*", help="extra overrides for every job, e.g. hydra/launcher=slurm")
     args = parser.parse_args(argv)
@@ -230,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(" ".join(shlex.quote(c) for c in ["python", "train.py", *cmd[3:]]))
             return 0
         out = None if args.no_report else (args.report_dir or REPO / "docs" / "results" / f"{study.name}-{args.scale}")
-        return run(study, args.scale, args.overrides, out)
+        return run(study, args.scale, args.overrides, out, resolve_parallel(args.parallel, args.scale, study))
     except ConfigError as err:
         print(f"Error: {err}", file=sys.stderr)
         return 2

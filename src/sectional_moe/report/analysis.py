@@ -83,7 +83,7 @@ def varying_config_columns(df: pd.DataFrame, *, within: Sequence[str] = ("family
     return [c for c in candidates if c in varying]
 
 
-def _label_value(value: Any) -> str:
+def label_value(value: Any) -> str:
     if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
         return "none"
     if isinstance(value, (bool, np.bool_)):
@@ -93,11 +93,26 @@ def _label_value(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, (float, np.floating)) else str(value)
 
 
+def drop_implied(df: pd.DataFrame, columns: Sequence[str], keep: Sequence[str] = ()) -> list[str]:
+    """``columns`` minus those whose value the others already determine in ``df`` (d_model and
+    n_layers by size, batch tokens by seq_len, ...), so a label names only what tells lines apart.
+    Columns in ``keep`` stay; the later columns are dropped first."""
+    named = list(dict.fromkeys(columns))
+    table = df.astype(object).where(df.notna(), "none") if len(df) else df
+    for col in reversed(list(named)):
+        others = [c for c in named if c != col]
+        if col in keep or not others or col not in table.columns:
+            continue
+        if table.groupby(others, dropna=False)[col].nunique().max() <= 1:
+            named.remove(col)
+    return named
+
+
 def group_label(key: Mapping[str, Any], *, bare: Sequence[str] = ("family", "routing")) -> str:
     """``"sectional segment_fixed, sectional_every=2"``: bare values for ``bare`` columns, then
     ``name=value`` for the others (missing values read "none")."""
-    head = " ".join(_label_value(key[c]) for c in bare if c in key)
-    rest = [f"{LABEL_NAMES.get(c, c)}={_label_value(v)}" for c, v in key.items() if c not in bare]
+    head = " ".join(label_value(key[c]) for c in bare if c in key)
+    rest = [f"{LABEL_NAMES.get(c, c)}={label_value(v)}" for c, v in key.items() if c not in bare]
     return ", ".join([head] * bool(head) + rest)
 
 

@@ -56,9 +56,22 @@ def label(col: str) -> str:
 def _png(fig: plt.Figure) -> bytes:
     buf = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=110)
+    legends = [ax.get_legend() for ax in fig.axes if ax.get_legend() is not None]
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", bbox_extra_artists=legends)  # keeps an outside legend
     plt.close(fig)
     return buf.getvalue()
+
+
+def _legend(ax: plt.Axes) -> None:
+    """A legend that never covers the data: inside for a few short entries, else beside the axes."""
+    handles, labels = ax.get_legend_handles_labels()
+    if not handles:
+        return
+    if len(handles) <= 4 and max(len(t) for t in labels) <= 40:
+        ax.legend(fontsize=8)
+    else:
+        outside = ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+        outside.set_in_layout(False)  # tight_layout must not shrink the axes for it; savefig's "tight" box adds it
 
 
 def _log2_experts(ax: plt.Axes, experts: pd.Series) -> None:
@@ -81,7 +94,7 @@ def line_groups(df: pd.DataFrame, group_by: str) -> tuple[list[str], list[str]]:
     varying = analysis.varying_config_columns(df)
     keys = list(dict.fromkeys(["family", "routing", group_by, "size", *varying]))
     named = [k for k in keys if k not in ("family", "size") or df[k].nunique(dropna=False) > 1 or k in varying]
-    return keys, named
+    return keys, analysis.drop_implied(df, named, keep=("family", "routing", group_by))
 
 
 def _lines_vs_experts(ax: plt.Axes, df: pd.DataFrame, metric: str, group_by: str) -> int:
@@ -105,8 +118,7 @@ def _lines_vs_experts(ax: plt.Axes, df: pd.DataFrame, metric: str, group_by: str
         _log2_experts(ax, routed["experts"])
     ax.set_ylabel(label(metric))
     ax.grid(alpha=0.3)
-    if n:
-        ax.legend(fontsize=8)
+    _legend(ax)
     return n
 
 
@@ -147,7 +159,7 @@ def fig_quality_vs_experts(df: pd.DataFrame, metric: str, group_by: str) -> Figu
         values = done[metric].dropna().astype(float)
         if max(drawn + values.tolist()) / min(drawn + values.tolist()) > 3 and not metric.startswith("val_loss"):
             ax.set_yscale("log")  # a unigram ppl of ~10x the models' would flatten their differences
-        ax.legend(fontsize=7)
+        _legend(ax)
     ax.set_title(title)
     return Figure("quality_vs_experts", title, cap, png=_png(fig))
 
@@ -188,7 +200,7 @@ def fig_loss_vs_compute(df: pd.DataFrame, metric: str, group_by: str) -> Figure:
     ax.set_xlabel("training compute C (FLOPs, log)")
     ax.set_ylabel("best validation loss (nats/token)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    _legend(ax)
     ax.set_title(title)
     return Figure("loss_vs_compute", title, cap, png=_png(fig))
 
@@ -218,21 +230,20 @@ def fig_step_cost(df: pd.DataFrame, metric: str, group_by: str, kappas: list[ana
     # each fitted curve in the colour of the measured line of its group
     colors = {lab: h[0].get_color() for h, lab in zip(*ax.get_legend_handles_labels()) if isinstance(h, tuple) or hasattr(h, "lines")}
     _, named = line_groups(routed, group_by)
-    text = []
-    for k in kappas:
-        if k.fit is None:
-            continue
+    fitted = [k for k in kappas if k.fit is not None]
+    # name a fit only by what tells it from the other fits (the full group is in the κ table)
+    keys = pd.DataFrame([{c: analysis.label_value(v) for c, v in k.key.items()} for k in fitted])
+    differing = analysis.drop_implied(keys, [c for c in keys.columns if keys[c].nunique() > 1]) if len(keys) else []
+    for k in fitted:
         f = k.fit
         grid = np.geomspace(k.data["experts"].min(), k.data["experts"].max(), 80)
         line_label = analysis.group_label({c: {"family": "sectional"}.get(c, k.key.get(c)) for c in named})
-        ax.plot(grid, f.predict(grid), ":", lw=1.5, color=colors.get(line_label), label=f"κ fit {k.label}")
-        pred = f"{f.predicted.numeric_root:.2f}" if f.predicted else "n/a"
-        text.append(f"{k.label}: κ={f.kappa:.3g}±{f.kappa_se:.2g} s/E², ΔAIC(lin−quad)={f.delta_aic:.2f}\n"
-                    f"  E_opt measured={f.measured_e_opt:g}, fitted={f.fitted_e_opt:.2f}, predicted={pred}")
-    if text:
-        ax.text(0.02, 0.98, "\n".join(text), transform=ax.transAxes, va="top", fontsize=7,
-                bbox={"boxstyle": "round", "fc": "white", "alpha": 0.85})
-        ax.legend(fontsize=7, loc="lower right")
+        which = analysis.group_label({c: k.key.get(c) for c in differing}, bare=())
+        pred = f", S(E) {f.predicted.numeric_root:.1f}" if f.predicted else ""
+        ax.plot(grid, f.predict(grid), ":", lw=1.5, color=colors.get(line_label),
+                label=f"fit{' ' + which if which else ''}: κ={f.kappa:.2g}±{f.kappa_se:.1g} s/E², "
+                      f"E_opt meas. {f.measured_e_opt:g} / fit {f.fitted_e_opt:.0f}{pred}")
+    _legend(ax)
     ax.set_title(title)
     return Figure("step_cost_kappa", title, cap, png=_png(fig), notes=notes)
 
@@ -262,7 +273,7 @@ def fig_expert_load(df: pd.DataFrame, metric: str, group_by: str) -> Figure:
     axes[1].set_ylabel("share of assignments x E")
     axes[1].grid(alpha=0.3)
     if len(moe) <= 12:
-        axes[1].legend(fontsize=7)
+        _legend(axes[1])
     return Figure("expert_load", title, cap, png=_png(fig))
 
 
@@ -289,7 +300,7 @@ def fig_scaling(df: pd.DataFrame, metric: str, group_by: str, fits: list[analysi
     ax.set_xlabel("training compute C (FLOPs, log)")
     ax.set_ylabel("best validation loss (nats/token)")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    _legend(ax)
     ax.set_title(title)
     return Figure("scaling_fits", title, cap, png=_png(fig), notes=notes)
 
