@@ -422,3 +422,21 @@ def test_at_bounds_names_each_parameter_at_a_bound() -> None:
     assert analysis.at_bounds(law, {"E": 1.5, "A": 2.0, "alpha": 0.3}, scale=3.0) == []
     msgs = analysis.at_bounds(law, {"E": 1e-5, "A": 2.0, "alpha": 3.0}, scale=3.0)
     assert len(msgs) == 2 and msgs[0].startswith("E = 1e-05") and "alpha = 3 sits at its upper bound 3" in msgs[1]
+
+
+def test_compute_leverage_reads_both_pareto_frontiers() -> None:
+    """A family reaching every loss with half the dense compute has leverage 2 at every level."""
+    from sectional_moe.report.analysis import compute_leverage
+
+    C = np.array([1e12, 2e12, 4e12, 8e12])
+    loss = 3.0 + 2.0 * (C / 1e12) ** -0.5
+    rows = [{"state": "done", "family": "dense", "compute_flops": c, "val_loss_best": l} for c, l in zip(C, loss)]
+    rows += [{"state": "done", "family": "moe", "compute_flops": c / 2, "val_loss_best": l} for c, l in zip(C, loss)]
+    rows += [{"state": "done", "family": "moe", "compute_flops": 1e13, "val_loss_best": 9.0}]  # dominated: not on the frontier
+    rows += [{"state": "done", "family": "sectional", "compute_flops": 1e12, "val_loss_best": 1.0},
+             {"state": "done", "family": "sectional", "compute_flops": 2e12, "val_loss_best": 0.9}]  # no shared loss range
+    lev = compute_leverage(pd.DataFrame(rows))
+    moe = lev[lev["family"] == "moe"]
+    assert len(moe) == 3 and np.allclose(moe["leverage"], 2.0)
+    assert moe["val_loss"].between(loss.min(), loss.max()).all()
+    assert lev[lev["family"] == "sectional"]["reason"].str.contains("share no loss range").all()

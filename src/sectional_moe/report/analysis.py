@@ -60,6 +60,39 @@ def pareto_mask(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return mask
 
 
+def compute_leverage(df: pd.DataFrame, reference: str = "dense", levels: int = 3) -> pd.DataFrame:
+    """Compute leverage of each family over ``reference``: at a loss both reach, the reference's
+    training compute divided by the family's, read off each family's Pareto frontier of
+    (compute C, best validation loss) by log-linear interpolation between frontier runs.
+
+    No law is assumed (so it works where a fitted law is degenerate); ``levels`` loss levels
+    spread over the overlap of the two frontiers' loss ranges. > 1: the family needs less compute
+    for the same loss. A family whose frontier does not overlap the reference's gets a reason.
+    """
+    done = finished(df).dropna(subset=["compute_flops", "val_loss_best"])
+    frontiers = {}
+    for fam, g in done.groupby("family"):
+        front = g[pareto_mask(g["compute_flops"].to_numpy(), g["val_loss_best"].to_numpy())].sort_values("compute_flops")
+        frontiers[fam] = (np.log(front["compute_flops"].to_numpy(float)), front["val_loss_best"].to_numpy(float))
+    rows: list[dict[str, Any]] = []
+    if reference not in frontiers:
+        return pd.DataFrame(rows)
+    ref_logc, ref_loss = frontiers[reference]
+    for fam, (logc, loss) in sorted(frontiers.items()):
+        if fam == reference:
+            continue
+        lo, hi = max(loss.min(), ref_loss.min()), min(loss.max(), ref_loss.max())
+        if len(loss) < 2 or len(ref_loss) < 2 or lo >= hi:
+            rows.append({"family": fam, "reference": reference, "reason": "its frontier and the reference's share no loss range"})
+            continue
+        for level in np.linspace(hi, lo, levels):  # loss falls along a frontier: interpolate on reversed arrays
+            c_fam = math.exp(float(np.interp(level, loss[::-1], logc[::-1])))
+            c_ref = math.exp(float(np.interp(level, ref_loss[::-1], ref_logc[::-1])))
+            rows.append({"family": fam, "reference": reference, "val_loss": float(level), "compute_family": c_fam,
+                         "compute_reference": c_ref, "leverage": c_ref / c_fam, "reason": None})
+    return pd.DataFrame(rows)
+
+
 # ============================================================================================
 # Grouping: runs are pooled (as seeds) only when every config column except E and seed agrees
 # ============================================================================================
@@ -110,9 +143,10 @@ def drop_implied(df: pd.DataFrame, columns: Sequence[str], keep: Sequence[str] =
 
 def group_label(key: Mapping[str, Any], *, bare: Sequence[str] = ("family", "routing")) -> str:
     """``"sectional segment_fixed, sectional_every=2"``: bare values for ``bare`` columns, then
-    ``name=value`` for the others (missing values read "none")."""
+    ``name=value`` for the others that have a value (missing values read "none" among the bare ones)."""
     head = " ".join(label_value(key[c]) for c in bare if c in key)
-    rest = [f"{LABEL_NAMES.get(c, c)}={label_value(v)}" for c, v in key.items() if c not in bare]
+    # a setting a family does not have (sectional_every of a token-MoE run) is left out, not "=none"
+    rest = [f"{LABEL_NAMES.get(c, c)}={label_value(v)}" for c, v in key.items() if c not in bare and label_value(v) != "none"]
     return ", ".join([head] * bool(head) + rest)
 
 

@@ -77,9 +77,18 @@ class Report:
     def fit_table(self) -> pd.DataFrame:
         return pd.DataFrame([f.summary() for f in self.law_fits + self.chinchilla])
 
+    def leverage_table(self) -> pd.DataFrame:
+        return analysis.compute_leverage(self.table)
+
     def fits_json(self) -> dict[str, Any]:
         return {"kappa": [k.summary() for k in self.kappas], "compute_law": [f.summary() for f in self.law_fits],
-                "chinchilla": [f.summary() for f in self.chinchilla]}
+                "chinchilla": [f.summary() for f in self.chinchilla],
+                "leverage": self.leverage_table().to_dict(orient="records")}
+
+
+LEVERAGE_NOTE = ("At each loss level both frontiers reach, dense training compute / the family's training compute, "
+                 "read off each family's Pareto frontier of (C, best validation loss) by log-linear interpolation "
+                 "(no law assumed); > 1 means the family reaches that loss with less compute.")
 
 
 def build_report(table: pd.DataFrame, *, source: str, metric: str = "val_ppl_best", group_by: str = "routing",
@@ -186,7 +195,9 @@ def render_html(report: Report) -> str:
         for note in f.notes:
             parts.append(f"<p class='skip'>{html.escape(note)}</p>")
     parts += ["<h2 id='fits'>Fits</h2><h3>κ (step cost vs E, sectional)</h3>", html_table(r.kappa_table()),
-              "<h3>Scaling laws</h3>", html_table(r.fit_table()), "</body></html>"]
+              "<h3>Scaling laws</h3>", html_table(r.fit_table()),
+              f"<h3>Compute leverage over dense</h3><p>{html.escape(LEVERAGE_NOTE)}</p>", html_table(r.leverage_table()),
+              "</body></html>"]
     return "\n".join(parts)
 
 
@@ -206,7 +217,8 @@ def render_markdown(report: Report, figure_dir: str = "figures") -> str:
             lines += [f"**Skipped:** {f.skipped}", ""]
         lines += [f"- {n}" for n in f.notes] + ([""] if f.notes else [])
     lines += ["## Fits", "", "### κ (step cost vs E, sectional)", "", markdown_table(r.kappa_table()), "",
-              "### Scaling laws", "", markdown_table(r.fit_table()), ""]
+              "### Scaling laws", "", markdown_table(r.fit_table()), "",
+              "### Compute leverage over dense", "", LEVERAGE_NOTE, "", markdown_table(r.leverage_table()), ""]
     return "\n".join(lines)
 
 
