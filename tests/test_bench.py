@@ -125,3 +125,20 @@ def test_gemm_shapes_carry_exactly_the_analytic_projection_flops(family, routing
 def test_unknown_configuration_is_a_clear_error():
     with pytest.raises(SystemExit, match="unknown configuration"):
         bench.parse_combos(["moe-segment_fixed"])
+
+
+def test_shape_sweep_groups_ratios_by_shape_and_plots_cost_against_flops(tmp_path):
+    """--seq-len sweeps the shape; ratios to dense are taken within each shape; --plot draws the figure."""
+    threads = torch.get_num_threads()
+    try:
+        report = bench.main(["--quick", "--threads", "1", "--out", str(tmp_path), "--configs", "dense", "sectional-segment_fixed",
+                             "--seq-len", "32", "64", "--plot", "--overhead", "dense"])
+    finally:
+        torch.set_num_threads(threads)
+    rows = [r for r in report["results"] if r["mode"] == "lightning"]
+    assert {r["seq_len"] for r in rows} == {32, 64}
+    for seq in (32, 64):
+        dense = [r for r in rows if r["seq_len"] == seq and r["family"] == "dense"]
+        assert len(dense) == 1 and dense[0]["tokens_per_s_vs_dense"] == pytest.approx(1.0)
+    png = tmp_path / "scaling.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -440,3 +440,10 @@ def test_compute_leverage_reads_both_pareto_frontiers() -> None:
     assert len(moe) == 3 and np.allclose(moe["leverage"], 2.0)
     assert moe["val_loss"].between(loss.min(), loss.max()).all()
     assert lev[lev["family"] == "sectional"]["reason"].str.contains("share no loss range").all()
+
+
+def test_chinchilla_fits_with_runaway_exponents_are_not_results() -> None:
+    from sectional_moe.report.analysis import implausible_exponents
+
+    assert implausible_exponents({"alpha": 3.94, "beta": 0.42})[0].startswith("alpha = 3.94 > 2")
+    assert implausible_exponents({"alpha": 0.34, "beta": 0.28}) == []

@@ -294,6 +294,18 @@ def at_bounds(law: Law, params: Mapping[str, float], *, scale: float) -> list[st
     return out
 
 
+#: Exponents of a data or parameter term above this describe no scaling law: every published LM
+#: fit has alpha, beta in 0.2-0.8 (Hoffmann, Epoch, Kaplan); a fit far above says the grid spans
+#: too little of N or D for that term, whose coefficient then runs off (A ~ 1e20).
+MAX_PLAUSIBLE_EXPONENT = 2.0
+
+
+def implausible_exponents(params: Mapping[str, float]) -> list[str]:
+    """Chinchilla exponents above :data:`MAX_PLAUSIBLE_EXPONENT`, as sentences (empty: none)."""
+    return [f"{name} = {params[name]:.3g} > {MAX_PLAUSIBLE_EXPONENT:g}: the grid does not constrain that term"
+            for name in ("alpha", "beta") if name in params and params[name] > MAX_PLAUSIBLE_EXPONENT]
+
+
 def _ci_at_bounds(law: Law, ci: Mapping[str, tuple[float, float]]) -> list[str]:
     out = []
     for name, (lo, hi) in ci.items():
@@ -365,7 +377,7 @@ def chinchilla_fits(df: pd.DataFrame, *, loss: str = "val_loss_best") -> list[La
                 f"{len(g)} run(s), {nN} distinct N, {nD} distinct D; needs >= {MIN_RUNS_CHINCHILLA} runs with >= 3 distinct N and D")))
             continue
         fit = fitting.fit_chinchilla(N=g["params_total"], D=g["tokens"], L=g[loss], init=fitting.small_init_grid())
-        degenerate = at_bounds(CHINCHILLA, fit.params, scale=float(g[loss].min()))
+        degenerate = at_bounds(CHINCHILLA, fit.params, scale=float(g[loss].min())) + implausible_exponents(fit.params)
         reason = "degenerate fit, not a result: " + "; ".join(degenerate) if degenerate else None
         out.append(LawFit(str(family), "chinchilla", len(g), params={**fit.params, **fit.derived}, reason=reason))
     return out
