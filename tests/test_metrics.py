@@ -371,7 +371,7 @@ def test_expert_load_is_logged_per_layer_with_fractions_under_the_cap(tmp_path, 
 
 def test_expert_load_key_count_is_bounded_whatever_the_number_of_experts(tmp_path, caplog):
     """Above the cap only the summary statistics are logged, and the run says so once."""
-    from sectional_moe.callbacks.expert_load import layer_metrics, summary_metrics
+    from sectional_moe.callbacks.expert_load import layer_metrics, summary_metrics, window_stats
 
     L, E = 6, 32  # 192 > 64 layer x expert fractions
     window = [torch.rand(E) * 10 for _ in range(L)]
@@ -379,11 +379,12 @@ def test_expert_load_key_count_is_bounded_whatever_the_number_of_experts(tmp_pat
     monitor = ExpertLoadMonitor(max_expert_keys=16, max_layer_frac_keys=64)
     monitor._window = window
     assert not monitor.layer_fractions
-    summary, layers = summary_metrics(window, 16), layer_metrics(list(range(L)), window, monitor.layer_fractions)
+    stats = window_stats(window)
+    summary, layers = summary_metrics(stats, 16), layer_metrics(list(range(L)), stats, monitor.layer_fractions)
     assert len(summary) == 3 + 16 and len(layers) == 3 * L
     assert layers["moe/layer0/dead_experts"] == 1.0 and summary["moe/dead_experts"].item() == 1.0
     assert not any("frac_e" in k for k in layers)
-    with_fracs = layer_metrics(list(range(2)), window[:2], True)
+    with_fracs = layer_metrics(list(range(2)), stats[:2], True)
     assert len(with_fracs) == 2 * (3 + E)  # under a larger cap: every fraction of every layer
 
     # a real run with more layer x experts than the cap: summary keys only, one info line

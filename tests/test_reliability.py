@@ -181,7 +181,7 @@ def _finite_weights(ckpt: Path) -> tuple[int, bool]:
 @pytest.fixture
 def wandb_exit_codes(monkeypatch):
     codes: list[int] = []
-    monkeypatch.setattr(train_mod, "_finish_wandb", lambda exit_code=0, **kw: codes.append(exit_code))
+    monkeypatch.setattr(train_mod, "finish_wandb_run", lambda exit_code=0, **kw: codes.append(exit_code))
     return codes
 
 
@@ -263,7 +263,7 @@ def test_finish_wandb_marks_failed(monkeypatch):
             calls.append(exit_code)
 
     monkeypatch.setitem(sys.modules, "wandb", FakeWandb)
-    train_mod._finish_wandb(exit_code=1)
+    train_mod.finish_wandb_run(exit_code=1)
     assert calls == [1]
 
 
@@ -284,7 +284,7 @@ class FakeWandb:
 def test_finish_wandb_preempting_is_not_failed(monkeypatch, can_mark):
     fake = FakeWandb(can_mark)
     monkeypatch.setitem(sys.modules, "wandb", fake)
-    train_mod._finish_wandb(exit_code=1, preempting=True)
+    train_mod.finish_wandb_run(exit_code=1, preempting=True)
     assert fake.calls == ([("mark_preempting",)] if can_mark else []) + [("finish", 0)]
 
 

@@ -241,6 +241,17 @@ def _decode_steps(model: LanguageModel, prompt: torch.Tensor, new_tokens: int, d
     return time.perf_counter() - start
 
 
+def check_decode_tokens(new_tokens: int, seq_len: int) -> None:
+    """``bench.decode_tokens`` must leave room for a prompt in the ``seq_len`` context.
+
+    Raises:
+        ConfigError: ``new_tokens`` is not in [1, seq_len - 1].
+    """
+    if not 0 < new_tokens < seq_len:
+        raise ConfigError("bench.decode_tokens", f"decode_tokens={new_tokens} must be in [1, seq_len-1={seq_len - 1}]: "
+                          "the prompt and the generated tokens share the seq_len context")
+
+
 @torch.inference_mode()
 def measure_decode(model: LanguageModel, *, batch_size: int = 1, new_tokens: int = 32, precision: str = "auto",
                    context: torch.Tensor | None = None) -> dict[str, Any]:
@@ -252,9 +263,7 @@ def measure_decode(model: LanguageModel, *, batch_size: int = 1, new_tokens: int
     ``new_tokens`` >= r steps is its amortised cost.
     """
     spec, device = model.spec, next(model.parameters()).device
-    if not 0 < new_tokens < spec.seq_len:
-        raise ConfigError("bench.decode_tokens", f"decode_tokens={new_tokens} must be in [1, seq_len-1={spec.seq_len - 1}]: "
-                          "the prompt and the generated tokens share the seq_len context")
+    check_decode_tokens(new_tokens, spec.seq_len)
     ids = context[:batch_size, : spec.seq_len] if context is not None else _context(spec, batch_size, device)
     prompt = ids[:, : spec.seq_len - new_tokens]
     B = prompt.shape[0]
@@ -315,8 +324,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     model, spec, hparams = load_checkpoint(ckpt, device)
     bench = cfg.get("bench") or {}
     decode_tokens = int(bench.get("decode_tokens", 32))
-    if not 0 < decode_tokens < spec.seq_len:  # checked before the (slow) test split
-        raise ConfigError("bench.decode_tokens", f"decode_tokens={decode_tokens} must be in [1, seq_len-1={spec.seq_len - 1}]")
+    check_decode_tokens(decode_tokens, spec.seq_len)  # before the (slow) test split
     results: dict[str, Any] = {
         "checkpoint": str(ckpt),
         "model": {"family": spec.family, "routing": spec.routing, "experts": spec.experts if spec.family != "dense" else None,

@@ -124,6 +124,41 @@ def finish_leftover_wandb_run() -> bool:
     return True
 
 
+def finish_wandb_run(exit_code: int = 0, *, preempting: bool = False, wait_for_files: bool = True) -> None:
+    """Close this process's W&B run, if one is open, so the next job of an in-process multirun
+    starts its own (pitfall P2).
+
+    A non-zero ``exit_code`` marks the W&B run *failed* (not *finished*) on the dashboard.
+    ``preempting``: the job was preempted and is being requeued, so the run is marked preempting
+    (where this wandb version has it) and closed without the failed state; the requeued job
+    continues the same run id. ``wait_for_files``: for an offline run, wait until wandb-core has
+    written the run file (:func:`wandb_files.wait_until_written`); a job that must exit within a
+    grace time passes False. Never raises: a dead wandb-core (killed with the job) must not mask
+    the run's outcome.
+    """
+    import sys
+
+    from sectional_moe import wandb_files
+
+    wandb = sys.modules.get("wandb")
+    if wandb is None or wandb.run is None:
+        return
+    settings = getattr(wandb.run, "settings", None)
+    run_file = getattr(settings, "sync_file", None) if getattr(settings, "mode", None) == "offline" else None
+    try:
+        if preempting:
+            mark = getattr(wandb.run, "mark_preempting", None)
+            if callable(mark):
+                mark()
+            exit_code = 0
+        wandb.finish(exit_code=exit_code)
+    except Exception as err:  # noqa: BLE001 - see the docstring
+        log.warning("could not close the W&B run cleanly (%s: %s); its local files hold what was logged", type(err).__name__, err)
+        return
+    if wait_for_files and run_file and not wandb_files.wait_until_written(run_file):
+        log.warning("W&B had not finished writing %s after 30 s; a report read now may miss its last records", run_file)
+
+
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """{"a": {"b": 1}} -> {"a.b": 1}; lists become strings so every logger accepts them."""
     out: dict[str, Any] = {}

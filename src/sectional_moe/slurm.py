@@ -39,6 +39,7 @@ import lightning.pytorch as pl
 from omegaconf import OmegaConf
 
 from sectional_moe.errors import ConfigError
+from sectional_moe.loggers import finish_wandb_run
 
 log = logging.getLogger("sectional_moe")
 
@@ -280,7 +281,8 @@ class PreemptionCheckpoint(pl.Callback):
         hard = signal.SIGTERM in self._received or by_submitit
         if hard:
             if signal.SIGTERM not in self._received:
-                _close_wandb_preempting()  # while its service still runs
+                # while its service still runs; the requeued job continues the same run id
+                finish_wandb_run(preempting=True, wait_for_files=False)
             for logger in trainer.loggers:  # the CSV rows still in memory
                 try:
                     logger.save()
@@ -310,20 +312,6 @@ class PreemptionCheckpoint(pl.Callback):
         log.warning("SIGTERM while SLURM lists the job as %s: SLURM cancels, times out or requeues it itself; "
                     "not requeueing here", state or "unknown")
         return False, f"SLURM ends the job itself (state {state or 'unknown'}), not requeued here"
-
-
-def _close_wandb_preempting() -> None:
-    """Mark the W&B run preempting and close it (the requeued job continues the same run id)."""
-    wandb = sys.modules.get("wandb")
-    if wandb is None or wandb.run is None:
-        return
-    try:
-        mark = getattr(wandb.run, "mark_preempting", None)
-        if callable(mark):
-            mark()
-        wandb.finish(exit_code=0)
-    except Exception as err:  # noqa: BLE001 - the checkpoint is what the rerun needs; W&B resumes from its own state
-        log.warning("could not close the W&B run before the requeue: %s", err)
 
 
 def cluster_callbacks() -> list[pl.Callback]:

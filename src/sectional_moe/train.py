@@ -28,14 +28,14 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from sectional_moe import runs, wandb_files
+from sectional_moe import runs
 from sectional_moe.callbacks.nan_guard import NonFiniteError
 from sectional_moe.checkpointing import AtomicCheckpointIO, check_compatible, select_resume_checkpoint
 from sectional_moe.config import resolve_compile, resolve_precision, validate_config
 from sectional_moe.errors import ConfigError, StaleRunError
 from sectional_moe.flops import flops_per_token, param_counts
 from sectional_moe.lit import LMModule
-from sectional_moe.loggers import build_loggers, flatten, redact_secrets, redact_text, scrub_secrets_in_files
+from sectional_moe.loggers import build_loggers, finish_wandb_run, flatten, redact_secrets, redact_text, scrub_secrets_in_files
 from sectional_moe.spec import ModelSpec, spec_from_config
 from sectional_moe.sweeps import write_status
 from sectional_moe import slurm as cluster  # rank awareness, SLURM plugin, preemption checkpoint; registers launcher resolvers
@@ -314,10 +314,7 @@ def main(cfg: DictConfig) -> float | None:
             return None
         raise
     finally:
-        if preempted:
-            _finish_wandb(exit_code=0, preempting=True)
-        else:
-            _finish_wandb(exit_code=1 if failed else 0)
+        finish_wandb_run(exit_code=1 if failed else 0, preempting=preempted)  # preempted: closed as preempting, never failed
     return metrics.get("val/loss_best", metrics.get("val/loss"))
 
 
@@ -333,30 +330,3 @@ def check_cli_or_exit(argv: list[str], conf_dir: Path = CONF_DIR) -> None:
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
-
-
-def _finish_wandb(exit_code: int = 0, preempting: bool = False) -> None:
-    """Close the W&B run so the next job of an in-process multirun starts its own (pitfall P2).
-
-    A non-zero ``exit_code`` marks the W&B run *failed* (not *finished*) on the dashboard.
-    ``preempting``: the job was preempted and is being requeued, so the run is marked preempting
-    (where this wandb version has it) and closed without the failed state; the requeued job
-    continues the same run id.
-    """
-    wandb = sys.modules.get("wandb")
-    if wandb is None or wandb.run is None:
-        return
-    settings = getattr(wandb.run, "settings", None)
-    run_file = getattr(settings, "sync_file", None) if getattr(settings, "mode", None) == "offline" else None
-    try:
-        if preempting:
-            mark = getattr(wandb.run, "mark_preempting", None)
-            if callable(mark):
-                mark()
-            exit_code = 0
-        wandb.finish(exit_code=exit_code)
-    except Exception as err:  # noqa: BLE001 - a dead wandb-core (killed with the job) must not mask the run's outcome
-        log.warning("could not close the W&B run cleanly (%s: %s); its local files hold what was logged", type(err).__name__, err)
-        return
-    if run_file and not wandb_files.wait_until_written(run_file):
-        log.warning("W&B had not finished writing %s after 30 s; a report read now may miss its last records", run_file)

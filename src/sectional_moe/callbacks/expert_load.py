@@ -34,31 +34,36 @@ log = logging.getLogger(__name__)
 _LAYER_KEYS = {"max_over_mean": "load_max_over_mean", "cv": "load_cv", "dead": "dead_experts"}
 
 
-def summary_metrics(window: list[torch.Tensor], max_expert_keys: int) -> dict[str, torch.Tensor]:
-    """Summary over layers of per-layer expert counts (E,) (device tensors, no sync)."""
-    stats = [load_stats(w) for w in window]
+def window_stats(window: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """Per routed layer, from its expert counts (E,): :func:`load_stats` plus ``frac``, the share
+    of assignments per expert (E,). Device tensors, no sync; computed once per log step."""
+    return [{**load_stats(w), "frac": w / w.sum().clamp_min(1)} for w in window]
+
+
+def summary_metrics(stats: list[dict[str, torch.Tensor]], max_expert_keys: int) -> dict[str, torch.Tensor]:
+    """Summary over layers of :func:`window_stats` (device tensors, no sync)."""
     metrics = {
         "moe/load_max_over_mean": torch.stack([s["max_over_mean"] for s in stats]).max(),
         "moe/load_cv": torch.stack([s["cv"] for s in stats]).mean(),
         "moe/dead_experts": torch.stack([s["dead"] for s in stats]).sum(),
     }
-    frac = torch.stack([w / w.sum().clamp_min(1) for w in window]).mean(0)
+    frac = torch.stack([s["frac"] for s in stats]).mean(0)
     for e in range(min(len(frac), max_expert_keys)):
         metrics[f"moe/expert{e}/frac"] = frac[e]
     return metrics
 
 
-def layer_metrics(layers: list[int], window: list[torch.Tensor], with_fractions: bool) -> dict[str, float]:
-    """Per-layer statistics (and per-expert fractions) as host floats, with one device sync."""
+def layer_metrics(layers: list[int], stats: list[dict[str, torch.Tensor]], with_fractions: bool) -> dict[str, float]:
+    """Per-layer statistics (and per-expert fractions) of :func:`window_stats` as host floats, with one device sync."""
     keys: list[str] = []
     values: list[torch.Tensor] = []
-    for layer, w in zip(layers, window):
-        for name, value in load_stats(w).items():
-            keys.append(f"moe/layer{layer}/{_LAYER_KEYS[name]}")
-            values.append(value)
+    for layer, s in zip(layers, stats):
+        for name, suffix in _LAYER_KEYS.items():
+            keys.append(f"moe/layer{layer}/{suffix}")
+            values.append(s[name])
         if with_fractions:
-            keys += [f"moe/layer{layer}/frac_e{e}" for e in range(len(w))]
-            values += list((w / w.sum().clamp_min(1)).unbind())
+            keys += [f"moe/layer{layer}/frac_e{e}" for e in range(len(s["frac"]))]
+            values += list(s["frac"].unbind())
     return dict(zip(keys, torch.stack(values).tolist())) if values else {}
 
 
@@ -103,7 +108,8 @@ class ExpertLoadMonitor(pl.Callback):
 
     def _log_window(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert self._window is not None
-        pl_module.log_dict(summary_metrics(self._window, self.max_expert_keys), on_step=True, on_epoch=False)
+        stats = window_stats(self._window)
+        pl_module.log_dict(summary_metrics(stats, self.max_expert_keys), on_step=True, on_epoch=False)
         fractions = self.layer_fractions
         if not fractions and not self._told_capped and trainer.is_global_zero:
             self._told_capped = True
@@ -112,7 +118,7 @@ class ExpertLoadMonitor(pl.Callback):
                      "(all fractions are in expert_load.json)", len(self._window), len(self._window[0]),
                      self.max_layer_frac_keys)
         if trainer.loggers:  # host floats straight to the loggers: one sync, not one self.log per key
-            log_to_loggers(trainer, layer_metrics(self._layers, self._window, fractions))
+            log_to_loggers(trainer, layer_metrics(self._layers, stats, fractions))
 
     def load_table(self) -> dict[str, list[float]]:
         """Cumulative fraction of assignments per expert, per routed layer."""

@@ -163,7 +163,7 @@ class LMDataModule(pl.LightningDataModule):
         self._tokenizer_file: Path | None = None
         self._raw: dict[str, datasets.Dataset] | None = None
         self._splits: dict[str, _Split] = {}
-        self._train_counts: np.ndarray | None = None
+        self._baseline_ppl: dict[tuple[str, str], float] = {}  # (kind, split) -> perplexity, computed once
 
     # ----------------------------------------------------------------------------- preparation
     def prepare_data(self) -> None:
@@ -328,24 +328,32 @@ class LMDataModule(pl.LightningDataModule):
         """Blocks of ``seq_len + 1`` tokens in a split (each holds ``seq_len`` targets)."""
         return len(self._split(split).blocks)
 
+    def _train_stream(self) -> np.ndarray:
+        """The train split's token stream (after the token cap), as the baselines are fitted on it."""
+        return loading.flat_tokens(loading.token_column(self._split("train").tokens), self.max_train_tokens)
+
+    def _eval_blocks(self, split: str) -> np.ndarray:
+        """``split``'s blocks (n, seq_len + 1): column t predicts column t + 1."""
+        return np.asarray(self._split(split).blocks.with_format("numpy")[:]["input_ids"])
+
     def unigram_ppl(self, split: str = "validation") -> float:
         """Perplexity on ``split``'s targets of an add-one smoothed unigram model fitted on the train
         tokens: the baseline a trained LM must beat by a wide margin."""
-        if self._train_counts is None:
-            train = self._split("train")
-            stream = loading.flat_tokens(loading.token_column(train.tokens), self.max_train_tokens)
-            self._train_counts = np.bincount(stream, minlength=self.vocab_size)
-        blocks = self._split(split).blocks.with_format("numpy")[:]["input_ids"]
-        return loading.unigram_perplexity(self._train_counts, np.asarray(blocks)[:, 1:].reshape(-1))
+        key = ("unigram", split)
+        if key not in self._baseline_ppl:
+            counts = np.bincount(self._train_stream(), minlength=self.vocab_size)
+            self._baseline_ppl[key] = loading.unigram_perplexity(counts, self._eval_blocks(split)[:, 1:].reshape(-1))
+        return self._baseline_ppl[key]
 
     def bigram_ppl(self, split: str = "validation") -> float:
         """Perplexity on ``split``'s (input, target) pairs of a smoothed bigram model fitted on the
         train tokens (:func:`loading.bigram_perplexity`): the level of adjacent-token statistics."""
-        train = self._split("train")
-        stream = loading.flat_tokens(loading.token_column(train.tokens), self.max_train_tokens)
-        blocks = np.asarray(self._split(split).blocks.with_format("numpy")[:]["input_ids"])
-        pairs = np.stack([blocks[:, :-1].reshape(-1), blocks[:, 1:].reshape(-1)], axis=1)
-        return loading.bigram_perplexity(stream, pairs, self.vocab_size)
+        key = ("bigram", split)
+        if key not in self._baseline_ppl:
+            blocks = self._eval_blocks(split)
+            pairs = np.stack([blocks[:, :-1].reshape(-1), blocks[:, 1:].reshape(-1)], axis=1)
+            self._baseline_ppl[key] = loading.bigram_perplexity(self._train_stream(), pairs, self.vocab_size)
+        return self._baseline_ppl[key]
 
     def describe(self) -> dict[str, Any]:
         """Flat summary for the run config: source, vocabulary, tokens and blocks per split."""

@@ -206,7 +206,6 @@ def unigram_perplexity(train_counts: np.ndarray, eval_tokens: np.ndarray) -> flo
     return float(np.exp(-logp[eval_tokens].mean()))
 
 
-
 BIGRAM_DISCOUNT = 0.75  # absolute discount of the bigram baseline (the usual Kneser-Ney value; not tuned)
 
 

@@ -46,6 +46,10 @@ class KVCache:
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
 
+    def reset(self) -> None:
+        """Forget every cached position (the tensors are kept and overwritten)."""
+        self.length = 0
+
 
 @dataclass
 class SectionalCache:
@@ -62,6 +66,13 @@ class SectionalCache:
     tail: torch.Tensor | None = None
     delta: torch.Tensor | None = None
 
+    def reset(self) -> None:
+        """Forget every position seen (the KV tensors are kept and overwritten)."""
+        self.length, self.tail, self.delta = 0, None, None
+        for kv in (self.pre, self.experts):
+            if kv is not None:
+                kv.reset()
+
 
 @dataclass
 class DecodeCache:
@@ -75,10 +86,4 @@ class DecodeCache:
         """Forget every cached position (tensors are kept and overwritten)."""
         self.pos = 0
         for c in self.layers:
-            if isinstance(c, KVCache):
-                c.length = 0
-            else:
-                c.length, c.tail, c.delta = 0, None, None
-                for kv in (c.pre, c.experts):
-                    if kv is not None:
-                        kv.length = 0
+            c.reset()

@@ -273,6 +273,13 @@ def count_budgets(C: np.ndarray, *, tol: float = BUDGET_TOL) -> int:
     return budgets
 
 
+def _param_bounds(law: Law, name: str) -> tuple[float | None, float | None, float]:
+    """(lower, upper, span) of a law parameter: a positive one (fitted in log space) is bounded by
+    0 below only; the span is the bounded range, or 1 when a side is open."""
+    lo, hi = (0.0, None) if name in law.positive else law.bounds.get(name, (None, None))
+    return lo, hi, (hi - lo) if lo is not None and hi is not None else 1.0
+
+
 def at_bounds(law: Law, params: Mapping[str, float], *, scale: float) -> list[str]:
     """Parameters of a fit that sit at a bound, as sentences (empty: none).
 
@@ -286,8 +293,7 @@ def at_bounds(law: Law, params: Mapping[str, float], *, scale: float) -> list[st
             if value < BOUND_RTOL * scale:
                 out.append(f"{name} = {value:.3g} collapsed to its lower bound 0 (< {BOUND_RTOL:g} x the loss scale {scale:.3g})")
         elif name in law.bounds:
-            lo, hi = law.bounds[name]
-            span = (hi - lo) if lo is not None and hi is not None else 1.0
+            lo, hi, span = _param_bounds(law, name)
             for bound, side in ((lo, "lower"), (hi, "upper")):
                 if bound is not None and abs(value - bound) <= BOUND_RTOL * span:
                     out.append(f"{name} = {value:.3g} sits at its {side} bound {bound:g}")
@@ -309,8 +315,7 @@ def implausible_exponents(params: Mapping[str, float]) -> list[str]:
 def _ci_at_bounds(law: Law, ci: Mapping[str, tuple[float, float]]) -> list[str]:
     out = []
     for name, (lo, hi) in ci.items():
-        lo_b, hi_b = law.bounds.get(name, (None, None)) if name not in law.positive else (0.0, None)
-        span = (hi_b - lo_b) if lo_b is not None and hi_b is not None else 1.0
+        lo_b, hi_b, span = _param_bounds(law, name)
         for end, bound, side in ((lo, lo_b, "lower"), (hi, hi_b, "upper")):
             if bound is not None and np.isfinite(end) and abs(end - bound) <= BOUND_RTOL * span:
                 out.append(f"the 95 % interval of {name} [{lo:.3g}, {hi:.3g}] reaches its {side} bound {bound:g}")

@@ -502,7 +502,7 @@ def _wandb_state(exit_code: int | None, summary: Mapping[str, Any], history: Seq
                  config: Mapping[str, Any]) -> tuple[str, str | None]:
     """State of a W&B run from its exit record and what it logged.
 
-    train.py finishes the W&B run with ``exit_code=1`` when the job fails (``_finish_wandb``), so a
+    train.py finishes the W&B run with ``exit_code=1`` when the job fails (``loggers.finish_wandb_run``), so a
     non-zero exit code means failed. A run that exited 0 but lacks the final metrics its config
     asked for (test if ``test``, else validation if ``train``) is reported as failed too: runs
     written before train.py passed the exit code closed with 0 whatever happened. An explicit

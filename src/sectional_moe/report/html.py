@@ -49,6 +49,7 @@ class Report:
     kappas: list[analysis.KappaResult]
     law_fits: list[analysis.LawFit]
     chinchilla: list[analysis.LawFit]
+    leverage: pd.DataFrame  # analysis.compute_leverage of the table
     created: str = field(default_factory=lambda: time.strftime("%Y-%m-%d %H:%M:%S"))
 
     @property
@@ -78,7 +79,7 @@ class Report:
         return pd.DataFrame([f.summary() for f in self.law_fits + self.chinchilla])
 
     def leverage_table(self) -> pd.DataFrame:
-        return analysis.compute_leverage(self.table)
+        return self.leverage
 
     def fits_json(self) -> dict[str, Any]:
         return {"kappa": [k.summary() for k in self.kappas], "compute_law": [f.summary() for f in self.law_fits],
@@ -102,7 +103,7 @@ def build_report(table: pd.DataFrame, *, source: str, metric: str = "val_ppl_bes
     law_fits = analysis.compute_law_fits(table, n_boot=n_boot)
     chinchilla = analysis.chinchilla_fits(table)
     figures = build_figures(table, metric=metric, group_by=group_by, kappas=kappas, law_fits=law_fits)
-    return Report(table, source, metric, group_by, figures, kappas, law_fits, chinchilla)
+    return Report(table, source, metric, group_by, figures, kappas, law_fits, chinchilla, analysis.compute_leverage(table))
 
 
 # ============================================================================================

@@ -464,6 +464,11 @@ def plan(
                 group=group, notes=notes)
 
 
+def planned_steps(budget: float, flops_per_token: float, tokens_per_step: int) -> int:
+    """Optimiser steps that spend ``budget`` FLOPs at ``flops_per_token`` (step 5 of the module doc), at least 1."""
+    return max(1, int(round(budget / flops_per_token / tokens_per_step)))
+
+
 def _moe_experts(search: _ShapeSearch, budget: float, experts: Sequence[int] | None, routing: str, top_k: int | None,
                  tokens_per_step: int, notes: list[str]) -> tuple[list[tuple[int, dict[str, Any]]], dict[str, Any]]:
     """Zhao's G* → top_k (fine-grained experts); E = the candidate with the lowest Zhao loss."""
@@ -489,7 +494,7 @@ def _moe_experts(search: _ShapeSearch, budget: float, experts: Sequence[int] | N
         if not found:
             continue
         c = found[0]
-        tokens = max(1, round(budget / c.m_exact / tokens_per_step)) * tokens_per_step
+        tokens = planned_steps(budget, c.m_exact, tokens_per_step) * tokens_per_step
         loss = float(ZHAO.predict(N=c.counts["non_embedding"], D=tokens, N_a=c.counts["active"], G=min(k, E), S=0.0))
         ratio = float(zhao_optima(N=c.counts["non_embedding"], **ZHAO.coefficients())["N_a_over_N_opt"])
         rows.append({"E": E, "zhao_loss": loss, "N": c.counts["non_embedding"], "N_a_over_N": c.counts["active"] / c.counts["non_embedding"],
@@ -553,7 +558,7 @@ def _sectional_experts(search: _ShapeSearch, experts: Sequence[int] | None, rout
 
 def _planned_run(c: _Candidate, *, family: str, budget: float, batch_size: int, tokens_per_step: int, target_name: str,
                  target: float, d_law: float, law: str, coefficients: str) -> PlannedRun:
-    steps = max(1, int(round(budget / c.m_exact / tokens_per_step)))
+    steps = planned_steps(budget, c.m_exact, tokens_per_step)
     tokens = float(steps * tokens_per_step)
     kw = c.kwargs
     pred, pred_law, pred_note = None, None, ""
