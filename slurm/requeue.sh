@@ -1,7 +1,7 @@
 # shellcheck shell=bash
 # Sourced by array.sbatch and multinode.sbatch: run the training step, pass SLURM's signals on to
 # it, and requeue the job when the training stopped for a preemption. This is the ONE requeue
-# mechanism of the plain sbatch path; the training only checkpoints (sectional_moe.slurm).
+# mechanism of the plain sbatch path; the training only checkpoints (sectional_moe.callbacks.preemption).
 #
 # * The preemption signal is $SUBMITIT_PREEMPT_SIGNAL (default USR2), as for submitit and the
 #   training. SLURM sends it to this script with `#SBATCH --signal=B:USR2@120`; to change it, set
@@ -13,7 +13,7 @@
 #   time limit or `scontrol requeue`) SLURM is ending or requeueing it itself, and a requeue here
 #   would bring a cancelled job back.
 
-SMOE_EXIT_PREEMPTED=143  # = sectional_moe.slurm.EXIT_PREEMPTED
+SMOE_EXIT_PREEMPTED=143  # = sectional_moe.env.EXIT_PREEMPTED
 
 _smoe_child=
 _smoe_signalled=

@@ -59,7 +59,9 @@ def compose(tmp_path: Path) -> Callable[..., "DictConfig"]:  # noqa: F821
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    import sectional_moe.runs  # noqa: F401  (registers resolvers)
+    from sectional_moe import resolvers
+
+    resolvers.register()
 
     def _compose(*overrides: str, tiny: bool = True, output_dir: Path | None = None):
         GlobalHydra.instance().clear()

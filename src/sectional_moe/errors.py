@@ -32,3 +32,11 @@ class CheckpointError(RuntimeError):
 
 class StaleRunError(ConfigError):
     """The run directory holds a finished run of a different config; that run's files stay untouched."""
+
+
+class RunLockedError(ConfigError):
+    """Another live process holds the run directory's lock; nothing in the directory was touched."""
+
+
+class StorageError(ConfigError):
+    """A file could not be written (no space left, file-size limit); the previous version is intact."""

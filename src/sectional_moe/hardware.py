@@ -35,6 +35,7 @@ from typing import NamedTuple
 import torch
 
 from sectional_moe.errors import ConfigError
+from sectional_moe.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +217,95 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def _cpu_times(cores: set[int] | None) -> tuple[float, float] | None:
+    """(busy, total) jiffies of the CPUs in ``cores`` (all if None) from ``/proc/stat``; steal counts as busy."""
+    try:
+        lines = Path("/proc/stat").read_text().splitlines()
+    except OSError:
+        return None
+    busy = total = 0.0
+    for line in lines:
+        name, *fields = line.split()
+        if not name.startswith("cpu") or name == "cpu" or not fields:
+            continue
+        if cores is not None and int(name[3:]) not in cores:
+            continue
+        values = [float(v) for v in fields[:8]] + [0.0] * max(0, 8 - len(fields))
+        idle = values[3] + values[4]  # idle + iowait
+        total += sum(values[:8])
+        busy += sum(values[:8]) - idle
+    return (busy, total) if total > 0 else None
+
+
+def _self_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+class CpuLoadMeter:
+    """Cores kept busy by *other* processes between two :meth:`sample` calls: the busy time of this
+    process's CPUs (``/proc/stat``) minus this process's own CPU time (threads included)."""
+
+    def __init__(self) -> None:
+        try:
+            self.cores: set[int] | None = set(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            self.cores = None
+        self._last = self._read()
+
+    def _read(self) -> tuple[float, float, float, float] | None:
+        times = _cpu_times(self.cores)
+        if times is None:
+            return None
+        return times[0], times[1], _self_cpu_s(), time.monotonic()
+
+    def sample(self) -> float | None:
+        """Foreign busy cores since the previous sample (None where /proc/stat is missing)."""
+        now = self._read()
+        last, self._last = self._last, now
+        if now is None or last is None or now[1] <= last[1]:
+            return None
+        ncpu = len(self.cores) if self.cores else (os.cpu_count() or 1)
+        busy_cores = (now[0] - last[0]) / (now[1] - last[1]) * ncpu
+        own_cores = (now[2] - last[2]) / max(1e-6, now[3] - last[3])
+        return max(0.0, busy_cores - own_cores)
+
+
+def threads_for_load(foreign_busy: float, cores: int, slack: float = 0.75) -> int:
+    """Intra-op threads for ``cores`` cores of which ``foreign_busy`` are kept busy by other
+    processes: one per idle core (a core counts as idle while less than ``1 - slack`` of it is
+    busy: a quarter at start-up; while our own threads compete for the cores, a foreign process
+    gets less than it wants, so the in-run check uses a smaller slack).
+
+    OpenMP threads spin-wait for each other at every parallel region: a thread that shares its core
+    with a foreign process stalls all the others, so a 2-thread step on a 2-core machine with one
+    foreign job runs slower than a 1-thread step (README, Performance).
+    """
+    return max(1, min(cores, int(cores - foreign_busy + slack)))
+
+
+def auto_threads(sample_s: float = 0.5) -> tuple[int, str]:
+    """Threads for a CPU run started now, measured over ``sample_s`` seconds, and a note saying why.
+
+    ``OMP_NUM_THREADS`` in the environment wins (a launcher or the user chose).
+    """
+    cores = usable_cores()
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) >= 1:
+        return int(env), f"OMP_NUM_THREADS={env}"
+    meter = CpuLoadMeter()
+    time.sleep(sample_s)
+    busy = meter.sample()
+    if busy is None:
+        load = load_average()
+        busy = 0.0 if load is None else load
+        source = "load average"
+    else:
+        source = f"measured over {sample_s:g} s"
+    n = threads_for_load(busy, cores)
+    return n, f"auto: {busy:.1f} of {cores} cores busy with other work ({source})"
+
+
 def load_average() -> float | None:
     """The 1-minute load average (runnable processes), None where the OS has none (Windows)."""
     try:
@@ -281,10 +371,7 @@ def cpu_probe(dtype: str, cache_dir: str | os.PathLike | None) -> Peak:
         "cores": cores, "loadavg_1m": load, "under_load": loaded, "torch": torch.__version__,
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # concurrent jobs: write aside, then rename atomically
-    tmp.write_text(json.dumps(cached, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(cached, indent=1, sort_keys=True))  # concurrent jobs read it
     return Peak(kept, f"cpu-probe:{path}")
 
 

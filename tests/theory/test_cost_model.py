@@ -117,8 +117,8 @@ def test_summed_view_best_integer_is_floor_or_ceil_of_root():
 def test_exact_dense_qkv_flops_equal_two_a_trad():
     """With full multi-head attention the flops module's QKV FLOPs per sequence are 2·A_trad
     (2 FLOPs per MAC): the paper's A_trad counts exactly the QKV projections."""
-    from sectional_moe.flops import flops_breakdown
-    from sectional_moe.spec import ModelSpec
+    from sectional_moe.models.flops import flops_breakdown
+    from sectional_moe.models.spec import ModelSpec
 
     spec = ModelSpec(family="dense", d_model=D0, n_layers=1, n_heads=32, n_kv_heads=32, d_ff=11008,
                      seq_len=L, experts=None, routing=None, vocab_size=32000).validate()
@@ -227,9 +227,19 @@ def test_fit_kappa_drops_the_compute_term_when_every_run_costs_the_same():
     assert "a" not in r.models["quadratic"].coef and r.kappa == pytest.approx(1e-3, rel=0.02)
 
 
-def test_kappa_in_macs_keeps_the_ratio_to_a_trad():
-    a = cm.qkv_cost_traditional(d_model=D0, seq_len=L)
-    # a fitted κ/a ratio of 1e8/A_trad reproduces the §2.6 row κ = 1e8 MACs
-    assert cm.kappa_in_macs(kappa_time=1e8 / a * 0.3, a_time=0.3, a_macs=a) == pytest.approx(1e8, rel=1e-12)
-    with pytest.raises(ValueError, match="a_time"):
-        cm.kappa_in_macs(kappa_time=1.0, a_time=0.0, a_macs=a)
+def test_kappa_from_step_time_to_macs_per_sequence_and_layer_and_back():
+    """κ_MACs = κ_s · R / 2 / (sequences · sectional layers), R the FLOP rate the fit measured (the
+    costliest run's FLOPs per step over its fitted compute time); kappa_flops_per_token undoes it."""
+    work = _fixed_r_flops(SWEEP) * 3e9  # FLOPs per step
+    rate = 1.5e10  # FLOP/s
+    t = 0.05 + work / rate + 2e-4 * SWEEP**2
+    r = cm.fit_kappa(experts=SWEEP, step_time=t, compute=work)
+    assert r.work_max == pytest.approx(work.max()) and r.rate == pytest.approx(rate, rel=1e-6)
+    k = cm.kappa_in_macs(kappa_s=r.kappa, flop_rate=r.rate, sequences_per_step=16, sectional_layers=3)
+    assert k == pytest.approx(2e-4 * rate / 2 / (16 * 3), rel=1e-6)
+    # back to FLOPs per token of a model with 3 sectional layers and 256-token sequences: 16 sequences
+    # of 256 tokens per step, so the per-step overhead κ_s·R spreads over 4096 tokens
+    assert cm.kappa_flops_per_token(kappa_macs=k, sectional_layers=3, seq_len=256) == pytest.approx(2e-4 * rate / 4096, rel=1e-6)
+    assert cm.fit_kappa(experts=SWEEP, step_time=t).rate is None  # no exact compute term, no FLOP rate
+    with pytest.raises(ValueError, match="flop_rate"):
+        cm.kappa_in_macs(kappa_s=1.0, flop_rate=0.0, sequences_per_step=1, sectional_layers=1)

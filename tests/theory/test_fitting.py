@@ -3,9 +3,9 @@ extrapolation error, drop rules, generic and Clark fitters."""
 
 from __future__ import annotations
 
-import os
-
 import itertools
+import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +14,7 @@ import pytest
 from scipy import optimize
 
 from sectional_moe.theory import fitting as ft
+from sectional_moe.theory.fitting.identify import COND_MAX
 from sectional_moe.theory import laws as lw
 from tests.theory.printed import assert_printed
 
@@ -303,3 +304,108 @@ def test_parallel_starts_give_the_same_result(row10):
     parallel = ft.fit_chinchilla(N=row10["N"], D=row10["D"], L=row10["L"], init=FEW_STARTS, n_jobs=2)
     pd.testing.assert_frame_equal(serial.starts, parallel.starts)
     assert serial.params == parallel.params
+
+
+# ------------------------------------------------------------------------------------------
+# Refusing what the data cannot determine
+# ------------------------------------------------------------------------------------------
+def test_every_fitter_refuses_fewer_points_than_parameters_plus_one(row10):
+    few = row10.iloc[:5]
+    with pytest.raises(ft.Underdetermined, match="5 point"):
+        ft.fit_chinchilla(N=few["N"], D=few["D"], L=few["L"], init=FEW_STARTS)
+    with pytest.raises(ft.Underdetermined, match="5 point"):
+        ft.fit_vpnls(N=few["N"], D=few["D"], L=few["L"])
+    with pytest.raises(ft.Underdetermined, match="7 free"):
+        ft.fit_parametric("fine_grained", inputs={"N": few["N"], "D": few["D"], "G": [1, 2, 4, 8, 16]}, L=few["L"])
+    with pytest.raises(ft.Underdetermined, match="6 free"):
+        ft.fit_clark(N=[1e8, 1e8, 1e9, 1e9, 1e10, 1e10], E=[1, 8, 1, 8, 1, 8], L=[2.7, 2.5, 2.2, 2.1, 1.9, 1.85])
+
+
+def test_every_fitter_refuses_too_few_distinct_values(row10):
+    data = pd.DataFrame({"N": np.repeat([1e8, 1e9], 6), "D": np.tile(np.geomspace(1e9, 1e11, 6), 2)})
+    data["L"] = lw.chinchilla_loss(N=data["N"], D=data["D"], **ROUNDED)
+    with pytest.raises(ft.Underdetermined, match="N takes 2 distinct value"):
+        ft.fit_chinchilla(N=data["N"], D=data["D"], L=data["L"], init=FEW_STARTS)
+    N, E = np.array(list(itertools.product(np.geomspace(1e8, 1e9, 4), [1, 8, 64]))).T
+    with pytest.raises(ft.Underdetermined, match="E takes 3 distinct value"):
+        ft.fit_clark(N=N, E=E, L=lw.CLARK.predict("hash", N=N, E=E))
+
+
+def test_a_well_designed_noise_free_fit_is_identified(row10):
+    fit = ft.fit_chinchilla(N=row10["N"], D=row10["D"], L=row10["L"], init=FEW_STARTS)
+    ident = fit.identifiability
+    assert fit.identified and ident["rank"] == 5 and ident["reasons"] == []
+    assert 1 < ident["condition_number"] < COND_MAX
+    assert all(v is not None and v < 1e-6 for v in ident["rel_se"].values())  # no noise: no uncertainty
+
+
+def test_one_isoflop_budget_does_not_identify_the_law(chinchilla_like):
+    """At one budget N and D move together (ln D = ln C/6 − ln N): the floor E and the two terms trade
+    off; the fit converges but is marked, with the reason."""
+    one = chinchilla_like[chinchilla_like["C"] == chinchilla_like["C"].iloc[0]]
+    fit = ft.fit_chinchilla(N=one["N"], D=one["D"], L=one["L"], init=FEW_STARTS)
+    assert not fit.identified and fit.identifiability["reasons"]
+    assert "not determined by the data" in " ".join(fit.identifiability["reasons"]) or "collapsed" in " ".join(fit.identifiability["reasons"])
+    out = fit.to_dict()
+    json.dumps(out, allow_nan=False)
+    assert out["identified"] is False
+
+
+def test_exponents_stay_inside_the_declared_bounds_and_a_bound_marks_the_fit():
+    """Loss that grows with N (a broken sweep) would drive α negative; the law bounds α at 0, the fit
+    sits there and says so, and the derived allocation is None rather than complex."""
+    N = np.repeat(np.geomspace(1e8, 1e10, 4), 4)
+    D = np.tile(np.geomspace(1e9, 1e11, 4), 4)
+    L = 1.8 + 2000.0 / D**0.36 + 0.02 * np.log(N / 1e8)
+    fit = ft.fit_chinchilla(N=N, D=D, L=L, init=FEW_STARTS)
+    assert fit.params["alpha"] >= 0.0 and not fit.identified
+    assert "alpha" in json.dumps(fit.identifiability["reasons"]) or "A" in json.dumps(fit.identifiability["reasons"])
+    assert all(v is None or (isinstance(v, float) and np.isfinite(v)) for v in fit.derived.values())
+
+
+def test_generic_fit_marks_a_floor_the_data_cannot_see():
+    """The fine-grained law's floor c (0.47) next to a slowly decaying N term: with 0.3 % noise on this
+    grid c is uncertain by orders of magnitude, and the verdict says so."""
+    grid = np.array(list(itertools.product(np.geomspace(1e8, 4e9, 5), np.geomspace(1e10, 1.5e11, 4), [1, 2, 4, 8, 16])))
+    N, D, G = grid.T
+    L = lw.FINE_GRAINED.predict(N=N, D=D, G=G) * np.exp(np.random.default_rng(0).normal(0, 0.003, N.size))
+    fit = ft.fit_parametric("fine_grained", inputs={"N": N, "D": D, "G": G}, L=L, n_random_starts=3)
+    assert not fit.identified and "c (uncertain by a factor" in " ".join(fit.identifiability["reasons"])
+    held = ft.fit_parametric("fine_grained", inputs={"N": N, "D": D, "G": G}, L=L, fixed={"c": 0.47}, n_random_starts=3)
+    assert held.identified, held.identifiability["reasons"]
+
+
+def test_stratified_bootstrap_keeps_every_stratum():
+    data = pd.DataFrame({"budget": np.repeat([1, 2, 3], [3, 4, 5]), "x": np.arange(12.0)})
+    seen = []
+
+    def record(df):
+        seen.append(df)
+        return {"m": float(df["x"].mean())}
+
+    res = ft.bootstrap_fit(data=data, fit=record, n_boot=6, strata="budget", seed=0)
+    assert res.settings["strata"] == "budget" and len(res.samples) == 6
+    for df in seen:
+        assert df.groupby("budget").size().to_dict() == {1: 3, 2: 4, 3: 5}
+
+
+def test_cross_validation_pools_predictions_in_data_order(row10):
+    def fit_predict(train, test):
+        f = ft.fit_chinchilla(N=train["N"], D=train["D"], L=train["L"], init=FEW_STARTS)
+        return lw.chinchilla_loss(N=test["N"], D=test["D"], **f.params)
+
+    sub = row10.iloc[::11].reset_index(drop=True)  # 12 points over 8 budgets
+    for scheme in ("kfold", "loo"):
+        out = ft.cross_validate(data=sub, fit_predict=fit_predict, target="L", scheme=scheme, k=3)
+        assert out["r2"] > 1 - 1e-6 and out["n_test"] == 12 and out["failed_folds"] == 0
+    with pytest.raises(ValueError, match="k=1"):
+        ft.cross_validate(data=sub, fit_predict=fit_predict, target="L", scheme="kfold", k=1)
+
+
+def test_bootstrap_verdict_marks_an_exponent_whose_interval_reaches_its_bound(chinchilla_like):
+    fit = ft.fit_chinchilla(N=chinchilla_like["N"], D=chinchilla_like["D"], L=chinchilla_like["L"], init=FEW_STARTS)
+    fit.bootstrap = ft.BootstrapResult(samples=pd.DataFrame({"alpha": [0.0, 0.3]}), se={}, ci_low={"alpha": 0.0},
+                                       ci_high={"alpha": 0.4}, cov=pd.DataFrame(), settings={})
+    assert fit.identified
+    ft.bootstrap_verdict(fit, {"alpha": (0.0, 5.0)})
+    assert not fit.identified and "reaches its bound" in fit.identifiability["reasons"][-1]

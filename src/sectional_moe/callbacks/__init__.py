@@ -1,4 +1,5 @@
-"""Lightning callbacks: metrics (throughput, MFU, memory, expert load) and run safety."""
+"""Lightning callbacks: metrics (throughput, MFU, memory, expert load), run safety (NaN guard,
+preemption and interrupts), progress in steps (``progress``) and threads that follow the load (``threads``)."""
 
 from sectional_moe.callbacks.expert_load import ExpertLoadMonitor
 

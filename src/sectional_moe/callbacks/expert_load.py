@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
 
 from sectional_moe.callbacks.throughput import log_to_loggers
-from sectional_moe.models.routing import load_stats
+from sectional_moe.runs.layout import RunDir
+from sectional_moe.models.routers import load_stats
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +90,8 @@ class ExpertLoadMonitor(pl.Callback):
         return bool(self._window) and len(self._window) * len(self._window[0]) <= self.max_layer_frac_keys
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
-        aux = getattr(pl_module, "latest_aux", None) or []
-        counts = [(i, a["counts"]) for i, a in enumerate(aux) if "counts" in a]
+        latest = getattr(pl_module, "latest_counts", None) or []
+        counts = [(i, c) for i, c in enumerate(latest) if c is not None]
         if not counts:
             return
         if self._window is None:
@@ -129,4 +129,4 @@ class ExpertLoadMonitor(pl.Callback):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         table = self.load_table()
         if table and trainer.is_global_zero and trainer.default_root_dir:
-            Path(trainer.default_root_dir, "expert_load.json").write_text(json.dumps(table, indent=1))
+            RunDir(trainer.default_root_dir).expert_load_file.write_text(json.dumps(table, indent=1))

@@ -40,7 +40,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from sectional_moe.flops import flops_per_token
+from sectional_moe.models.flops import flops_per_token
 from sectional_moe.hardware import Peak, peak_flops
 
 PERF_KEYS = (

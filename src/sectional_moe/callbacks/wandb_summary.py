@@ -27,8 +27,9 @@ Run summary keys (:data:`SUMMARY_KEYS`; absent when not measured, e.g. no MFU on
 ``summary/tokens``, ``summary/flops``   cumulative trained tokens and model FLOPs, all ranks
 ``summary/mem_<key>``               run peak of each ``mem/<key>`` (e.g. ``summary/mem_max_reserved_gib``
                                     on CUDA, ``summary/mem_peak_rss_gib`` on CPU)
-``summary/params_total``            all parameters (tied head once); ``summary/params_active``:
-                                    FLOP-equivalent active non-embedding; ``summary/params_non_embedding``
+``summary/params_total``            all parameters (tied head once); ``summary/params_active``: read
+                                    per token; ``summary/params_flop_equivalent``: FLOP-equivalent active
+                                    (N_a); ``summary/params_non_embedding``
 ``summary/flops_per_token``         training model FLOPs per token (``summary/flops_per_token_forward``)
 ``summary/world_size``              number of devices
 ==================================  ===========================================================
@@ -49,7 +50,7 @@ from lightning.pytorch.loggers import WandbLogger
 from sectional_moe.callbacks.memory import CPU_MEM_KEYS, CUDA_MEM_KEYS, MemoryMonitor
 from sectional_moe.callbacks.throughput import PERF_KEYS, SpeedMonitor
 from sectional_moe.errors import ConfigError
-from sectional_moe.flops import flops_per_token, param_counts
+from sectional_moe.models.flops import flops_per_token, param_counts
 
 NAMESPACES = ("train", "val", "test", "perf", "mem", "moe")
 X_AXES = ("perf/tokens", "perf/flops")
@@ -59,7 +60,7 @@ SUMMARY_KEYS = (
     "summary/val_loss_best", "summary/val_ppl_best", "summary/val_loss_final", "summary/val_ppl_final",
     "summary/test_loss", "summary/test_ppl",
     *(f"summary/{k}" for k in _STEADY_KEYS),
-    "summary/params_total", "summary/params_active", "summary/params_non_embedding",
+    "summary/params_total", "summary/params_active", "summary/params_flop_equivalent", "summary/params_non_embedding",
     "summary/flops_per_token", "summary/flops_per_token_forward", "summary/world_size",
 )  # plus summary/mem_<key> for every mem/<key> measured
 
@@ -141,6 +142,7 @@ class WandbSummary(pl.Callback):
             p = param_counts(spec)
             static.update({
                 "summary/params_total": p["total"], "summary/params_active": p["active"],
+                "summary/params_flop_equivalent": p["flop_equivalent"],
                 "summary/params_non_embedding": p["non_embedding"],
                 "summary/flops_per_token": flops_per_token(spec, training=True),
                 "summary/flops_per_token_forward": flops_per_token(spec, training=False),

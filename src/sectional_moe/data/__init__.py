@@ -1,7 +1,8 @@
 """Data: the embedded Shakespeare corpus, local text files or HF hub datasets, a cached byte-level
 BPE, packed fixed-length blocks, and a LightningDataModule whose train loader resumes exactly.
 
-``LMDataModule(**cfg.data, seq_len=..., cache_dir=..., seed=...)`` is the entry point.
+``LMDataModule(**cfg.data, seq_len=..., cache_dir=..., seed=...)`` is the entry point; local text
+files are checked (binary content, encoding) by :mod:`~sectional_moe.data.textfiles` first.
 """
 
 from sectional_moe.data.corpus import clean_play, split_plays, write_shakespeare

@@ -12,13 +12,12 @@ import hashlib
 import importlib.metadata
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 from filelock import FileLock
 
 from sectional_moe.errors import DataError
+from sectional_moe.files import atomic_path
 
 SPLITS = ("train", "validation", "test")
 DEFAULT_VAL_PLAYS = ("twelfth-night", "macbeth")
@@ -119,14 +118,10 @@ def write_shakespeare(cache_dir: str | os.PathLike, val_plays: list[str], test_p
         if target.is_dir():  # another job wrote it while we waited
             return listing()
         files = play_files()
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-shakespeare-", dir=root))
-        try:
+        with atomic_path(target, directory=True) as tmp:
             for split in SPLITS:
                 (tmp / split).mkdir()
                 for name in splits[split]:
                     text = clean_play(files[name].read_text(encoding="utf-8"))
                     (tmp / split / f"{name}.txt").write_text(text, encoding="utf-8")
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     return listing()

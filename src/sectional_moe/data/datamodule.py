@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 
 from sectional_moe.data import loading
 from sectional_moe.data.corpus import DEFAULT_TEST_PLAYS, DEFAULT_VAL_PLAYS, SPLITS, write_shakespeare
+from sectional_moe.data.textfiles import prepare_text_files
 from sectional_moe.data.sampler import ResumableDataLoader, ShardedSampler, batches_per_epoch, dist_rank_world
 from sectional_moe.data.tokenizer import (
     EOS_TOKEN, cached_bpe, check_vocab_size, files_fingerprint, load_tokenizer_file, tokenizer_cache_path, train_bpe,
@@ -63,6 +64,8 @@ class LMDataModule(pl.LightningDataModule):
         val_plays, test_plays: held-out plays (``shakespeare``); every other play trains.
         train_files, val_files, test_files: paths or globs (``text_files``); test defaults to val.
         sample_by: what one document is in a text file: ``document`` (the file), ``paragraph``, ``line``.
+        encoding: the text files' encoding (``text_files``); files in another one are refused with
+            the file and byte named, files in a non-UTF-8 one are transcoded into the cache.
         hub_path, hub_name: ``load_dataset(hub_path, hub_name)``; a hub id or a local dataset dir.
         hub_splits: our split -> the dataset's split expression (``"train[:98%]"`` works).
         hub_cache_dir: datasets cache for hub data; ``None`` = datasets' default (``$HF_HOME``).
@@ -92,6 +95,7 @@ class LMDataModule(pl.LightningDataModule):
         val_files: str | list[str] | None = None,
         test_files: str | list[str] | None = None,
         sample_by: str = "document",
+        encoding: str = "utf-8",
         hub_path: str | None = None,
         hub_name: str | None = None,
         hub_splits: dict[str, str] | None = None,
@@ -150,6 +154,9 @@ class LMDataModule(pl.LightningDataModule):
             test = _resolve_files(test_files, "data.test_files", required=False)
             if test is None:
                 log.warning("data.test_files is null: the test split reuses the validation files")
+            self.encoding = encoding
+            train, val = (prepare_text_files(f, k, encoding, self.cache_dir) for f, k in ((train, "data.train_files"), (val, "data.val_files")))
+            test = prepare_text_files(test, "data.test_files", encoding, self.cache_dir) if test is not None else None
             self._files = {"train": train, "validation": val, "test": test or val}
         elif source == "hub":
             if not hub_path:
@@ -164,6 +171,7 @@ class LMDataModule(pl.LightningDataModule):
         self._raw: dict[str, datasets.Dataset] | None = None
         self._splits: dict[str, _Split] = {}
         self._baseline_ppl: dict[tuple[str, str], float] = {}  # (kind, split) -> perplexity, computed once
+        self._baselines: dict[str, Any] = {}  # the fitted count baselines, built on first use
 
     # ----------------------------------------------------------------------------- preparation
     def prepare_data(self) -> None:
@@ -336,24 +344,32 @@ class LMDataModule(pl.LightningDataModule):
         """``split``'s blocks (n, seq_len + 1): column t predicts column t + 1."""
         return np.asarray(self._split(split).blocks.with_format("numpy")[:]["input_ids"])
 
-    def unigram_ppl(self, split: str = "validation") -> float:
-        """Perplexity on ``split``'s targets of an add-one smoothed unigram model fitted on the train
-        tokens: the baseline a trained LM must beat by a wide margin."""
-        key = ("unigram", split)
-        if key not in self._baseline_ppl:
-            counts = np.bincount(self._train_stream(), minlength=self.vocab_size)
-            self._baseline_ppl[key] = loading.unigram_perplexity(counts, self._eval_blocks(split)[:, 1:].reshape(-1))
-        return self._baseline_ppl[key]
+    def baselines(self) -> dict[str, Any]:
+        """The count baselines fitted on the train tokens (once): ``{"unigram": ..., "bigram": ...}``,
+        each with ``nll(blocks)``, the summed NLL of a batch's targets. The LightningModule and
+        ``evaluate.py`` score them on exactly the blocks the model is scored on."""
+        if not self._baselines:
+            stream = self._train_stream()
+            self._baselines = {"unigram": loading.UnigramBaseline(np.bincount(stream, minlength=self.vocab_size)),
+                               "bigram": loading.BigramBaseline(stream, self.vocab_size)}
+        return self._baselines
 
-    def bigram_ppl(self, split: str = "validation") -> float:
-        """Perplexity on ``split``'s (input, target) pairs of a smoothed bigram model fitted on the
-        train tokens (:func:`loading.bigram_perplexity`): the level of adjacent-token statistics."""
-        key = ("bigram", split)
+    def _baseline_split_ppl(self, kind: str, split: str) -> float:
+        key = (kind, split)
         if key not in self._baseline_ppl:
             blocks = self._eval_blocks(split)
-            pairs = np.stack([blocks[:, :-1].reshape(-1), blocks[:, 1:].reshape(-1)], axis=1)
-            self._baseline_ppl[key] = loading.bigram_perplexity(self._train_stream(), pairs, self.vocab_size)
+            self._baseline_ppl[key] = float(np.exp(self.baselines()[kind].nll(blocks) / blocks[:, 1:].size))
         return self._baseline_ppl[key]
+
+    def unigram_ppl(self, split: str = "validation") -> float:
+        """Perplexity on the whole ``split`` of the add-one smoothed unigram model of the train tokens:
+        the baseline a trained LM must beat by a wide margin."""
+        return self._baseline_split_ppl("unigram", split)
+
+    def bigram_ppl(self, split: str = "validation") -> float:
+        """Perplexity on the whole ``split`` of the smoothed bigram model of the train tokens
+        (:class:`loading.BigramBaseline`): the level of adjacent-token statistics."""
+        return self._baseline_split_ppl("bigram", split)
 
     def describe(self) -> dict[str, Any]:
         """Flat summary for the run config: source, vocabulary, tokens and blocks per split."""

@@ -198,41 +198,65 @@ def collate_blocks(batch: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
     return batch if isinstance(batch, torch.Tensor) else torch.stack(batch)
 
 
-def unigram_perplexity(train_counts: np.ndarray, eval_tokens: np.ndarray) -> float:
-    """Perplexity of an add-one smoothed unigram model (fitted on ``train_counts``, one count per
-    vocabulary entry) on ``eval_tokens``: ``exp(-mean log p(t))``, ``p(t) = (c_t + 1) / (N + V)``."""
-    counts = train_counts.astype(np.float64)
-    logp = np.log(counts + 1.0) - np.log(counts.sum() + len(counts))
-    return float(np.exp(-logp[eval_tokens].mean()))
+class UnigramBaseline:
+    """An add-one smoothed unigram model of the train tokens: ``p(t) = (c_t + 1) / (N + V)``."""
+
+    def __init__(self, train_counts: np.ndarray):
+        counts = np.asarray(train_counts, dtype=np.float64)
+        self.logp = np.log(counts + 1.0) - np.log(counts.sum() + len(counts))  # (V,)
+
+    def nll(self, blocks: np.ndarray) -> float:
+        """Summed NLL (nats) of the targets of ``blocks`` (n, T+1): columns 1..T."""
+        return float(-self.logp[np.asarray(blocks)[:, 1:]].sum())
 
 
 BIGRAM_DISCOUNT = 0.75  # absolute discount of the bigram baseline (the usual Kneser-Ney value; not tuned)
 
 
+class BigramBaseline:
+    """An interpolated absolute-discounting bigram model fitted on the consecutive pairs of a train stream.
+
+    ``p(w|v) = max(c(v,w) - d, 0) / c(v) + d * n1(v) / c(v) * p_uni(w)`` with ``n1(v)`` the number of
+    distinct successors of ``v`` and ``p_uni`` the add-one unigram; a context never seen in training
+    falls back to ``p_uni``. A trained LM that does not beat it has learned little beyond
+    adjacent-token statistics.
+    """
+
+    def __init__(self, train_stream: np.ndarray, vocab_size: int, discount: float = BIGRAM_DISCOUNT):
+        V = self.V = int(vocab_size)
+        stream = np.asarray(train_stream, dtype=np.int64)
+        prev, nxt = stream[:-1], stream[1:]
+        self.keys, self.pair_counts = np.unique(prev * V + nxt, return_counts=True)  # sorted distinct pairs
+        self.context_counts = np.bincount(prev, minlength=V).astype(np.float64)
+        self.successors = np.bincount(self.keys // V, minlength=V).astype(np.float64)
+        self.unigram = (np.bincount(stream, minlength=V) + 1.0) / (len(stream) + V)
+        self.discount = discount
+
+    def prob(self, pairs: np.ndarray) -> np.ndarray:
+        """p(next | previous) of (n, 2) pairs of (previous, next) token ids."""
+        v, w = np.asarray(pairs, dtype=np.int64).T
+        query = v * self.V + w
+        at = np.clip(np.searchsorted(self.keys, query), 0, len(self.keys) - 1)
+        c_vw = np.where(self.keys[at] == query, self.pair_counts[at], 0).astype(np.float64)
+        c_v = self.context_counts[v]
+        seen = c_v > 0
+        safe = np.where(seen, c_v, 1.0)
+        d = self.discount
+        return np.where(seen, np.maximum(c_vw - d, 0.0) / safe + d * self.successors[v] / safe * self.unigram[w], self.unigram[w])
+
+    def nll(self, blocks: np.ndarray) -> float:
+        """Summed NLL (nats) of every (input, target) pair of ``blocks`` (n, T+1)."""
+        blocks = np.asarray(blocks)
+        pairs = np.stack([blocks[:, :-1].reshape(-1), blocks[:, 1:].reshape(-1)], axis=1)
+        return float(-np.log(self.prob(pairs)).sum())
+
+
+def unigram_perplexity(train_counts: np.ndarray, eval_tokens: np.ndarray) -> float:
+    """Perplexity of :class:`UnigramBaseline` on ``eval_tokens``: ``exp(-mean log p(t))``."""
+    return float(np.exp(-UnigramBaseline(train_counts).logp[np.asarray(eval_tokens)].mean()))
+
+
 def bigram_perplexity(train_stream: np.ndarray, eval_pairs: np.ndarray, vocab_size: int,
                       discount: float = BIGRAM_DISCOUNT) -> float:
-    """Perplexity of an interpolated absolute-discounting bigram model on ``eval_pairs``.
-
-    Fitted on the consecutive pairs of ``train_stream``; ``eval_pairs`` is (n, 2) of (previous,
-    next) token ids. ``p(w|v) = max(c(v,w) - d, 0) / c(v) + d * n1(v) / c(v) * p_uni(w)`` with
-    ``n1(v)`` the number of distinct successors of ``v`` and ``p_uni`` the add-one unigram;
-    a context never seen in training falls back to ``p_uni``. A trained LM that does not beat this
-    has learned little beyond adjacent-token statistics.
-    """
-    V = int(vocab_size)
-    stream = np.asarray(train_stream, dtype=np.int64)
-    prev, nxt = stream[:-1], stream[1:]
-    keys, pair_counts = np.unique(prev * V + nxt, return_counts=True)  # sorted distinct pairs
-    context_counts = np.bincount(prev, minlength=V).astype(np.float64)
-    successors = np.bincount(keys // V, minlength=V).astype(np.float64)
-    unigram = (np.bincount(stream, minlength=V) + 1.0) / (len(stream) + V)
-
-    v, w = np.asarray(eval_pairs, dtype=np.int64).T
-    query = v * V + w
-    at = np.clip(np.searchsorted(keys, query), 0, len(keys) - 1)
-    c_vw = np.where(keys[at] == query, pair_counts[at], 0).astype(np.float64)
-    c_v = context_counts[v]
-    seen = c_v > 0
-    safe = np.where(seen, c_v, 1.0)
-    p = np.where(seen, np.maximum(c_vw - discount, 0.0) / safe + discount * successors[v] / safe * unigram[w], unigram[w])
-    return float(np.exp(-np.log(p).mean()))
+    """Perplexity of :class:`BigramBaseline` on ``eval_pairs`` ((n, 2) of (previous, next) token ids)."""
+    return float(np.exp(-np.log(BigramBaseline(train_stream, vocab_size, discount).prob(eval_pairs)).mean()))

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from filelock import FileLock
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from sectional_moe.errors import DataError
+from sectional_moe.files import atomic_path
 
 EOS_TOKEN = "<|endoftext|>"
 MIN_VOCAB = 256 + 1  # every byte, plus the end-of-text token
@@ -111,14 +111,8 @@ def cached_bpe(cache_path: Path, vocab_size: int, train: Callable[[], Tokenizer]
             return Tokenizer.from_file(str(cache_path))
         check_vocab_size(vocab_size)
         tok = train()
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=cache_path.parent)
-        os.close(fd)
-        try:
-            tok.save(tmp)
-            os.replace(tmp, cache_path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        with atomic_path(cache_path) as tmp:
+            tok.save(str(tmp))
     return tok
 
 

@@ -7,14 +7,15 @@ blocks differ by family:
 * ``moe``: the same blocks with the FFN replaced by a token-routed MoE FFN;
 * ``sectional``: every ``sectional_every``-th block is a :class:`SectionalMoEBlock`, the others dense.
 
-``forward(ids)`` returns ``(logits, aux)`` where ``aux`` is one dict per block (router losses,
-expert counts); the LightningModule turns them into weighted losses and load metrics.
+``forward(ids)`` returns ``(logits, aux)`` where ``aux`` holds one entry per block: the routed
+layer's :class:`~sectional_moe.models.routers.LayerAux` (router losses, expert counts) or None;
+:func:`~sectional_moe.models.loss.lm_loss` turns them into the weighted training loss.
 
 Incremental decoding: ``cache = model.init_cache()``, then ``model(prompt, cache=cache)``
 (prefill) and ``model(next_ids, cache=cache)`` once per generated token (decode); each call takes
 only the new tokens and returns their logits, equal to the full forward's at those positions
-(tests check every family). Routing with a ``capacity_factor`` is the exception: capacity is
-shared by the items of one call, so cached calls drop differently from one full pass.
+(tests check every family). A ``capacity_factor`` drops assignments in training only, so
+evaluation and decoding are dropless and cached calls equal one full pass there too.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from torch import nn
 from sectional_moe.models.blocks import Rope, RMSNorm, TransformerBlock
 from sectional_moe.models.cache import DecodeCache
 from sectional_moe.models.moe import TokenMoEFFN
+from sectional_moe.models.routers import LayerAux
 from sectional_moe.models.sectional import SectionalMoEBlock
-from sectional_moe.spec import ModelSpec
+from sectional_moe.models.spec import ModelSpec
 
 # parameters that write into the residual stream get the GPT-2 scaled init std/sqrt(2 * n_layers)
 _RESIDUAL_OUTPUTS = ("wo", "w2", "merge")
@@ -80,14 +82,14 @@ class LanguageModel(nn.Module):
             raise ValueError(f"max_len={max_len} must be in [1, seq_len={self.spec.seq_len}]")
         return DecodeCache([block.new_cache(max_len) for block in self.blocks], max_len)
 
-    def forward(self, ids: torch.Tensor, cache: DecodeCache | None = None) -> tuple[torch.Tensor, list[dict]]:
-        """ids (B, T) int64 -> logits (B, T, V), per-block aux dicts.
+    def forward(self, ids: torch.Tensor, cache: DecodeCache | None = None) -> tuple[torch.Tensor, list[LayerAux | None]]:
+        """ids (B, T) int64 -> logits (B, T, V), per-block :class:`LayerAux` (None for unrouted blocks).
 
         With a ``cache``, ids are the T tokens that follow the ``cache.pos`` already seen; the cache
         is updated in place.
         """
         x = self.embed(ids)  # (B, T, D)
-        aux = []
+        aux: list[LayerAux | None] = []
         if cache is None:
             for block in self.blocks:
                 x, a = block(x, ids, self.rope)

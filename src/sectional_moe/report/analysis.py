@@ -1,25 +1,29 @@
 """Numbers behind the report: metric direction, Pareto frontier, κ fits, scaling-law fits.
 
 Fits use :mod:`sectional_moe.theory` (``fit_kappa``, ``fit_parametric``, ``fit_chinchilla``,
-``bootstrap_fit``); every fit that cannot be made returns the reason instead of raising, so the
-report can say why a section is empty.
+``bootstrap_fit``, ``isoflop_analysis``); every fit that cannot be made, or that the data do not
+identify, returns the reason instead of raising, so the report can say why a section is empty.
 
 Conventions: C (``compute_flops``) = trained tokens x training matmul FLOPs per token (3 x forward,
-PaLM convention, attention scores included, no recompute); N = ``params_total`` (embeddings
-included, Chinchilla's convention) unless stated; loss in nats per token; step time in seconds.
+PaLM convention, attention scores included, no recompute); N = the ``fit_params`` column of the
+scaling-law fits, ``params_non_embedding`` by default (at CPU scale the embedding outweighs the
+rest; ``params_total`` is Chinchilla's own convention); loss in nats per token; step time in seconds.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
 
-from sectional_moe.report.collect import CONFIG_COLUMNS, DERIVED_CONFIG_COLUMNS
-from sectional_moe.theory import cost_model, fitting
+from sectional_moe.report.sources.run_dirs import read_run_dir
+from sectional_moe.report.sources.wandb_offline import find_wandb_files, read_wandb_files
+from sectional_moe.report.table import CONFIG_COLUMNS, DERIVED_CONFIG_COLUMNS, num
+from sectional_moe.theory import cost_model, fitting, isoflop
 from sectional_moe.theory.laws import CHINCHILLA, CoefficientSet, Law
 
 #: Metrics where larger is better; every other metric (ppl, loss, time, memory) is minimised.
@@ -177,10 +181,35 @@ class KappaResult:
             f = self.fit
             out.update({"compute_term": f.compute_term, "kappa_s_per_E2": f.kappa, "kappa_se": f.kappa_se, "preferred_overhead": f.preferred,
                         "delta_aic_linear_minus_quadratic": f.delta_aic, "E_opt_measured": f.measured_e_opt,
-                        "E_opt_fitted": f.fitted_e_opt,
+                        "E_opt_fitted": f.fitted_e_opt, "E_opt_fitted_swept": f.best_of(self.data["experts"].unique()),
                         "E_opt_predicted": f.predicted.numeric_root if f.predicted else None,
                         "E_opt_predicted_integer": f.predicted.best_integer if f.predicted else None,
                         "E_opt_predicted_note": f.predicted_note or None})
+            out.update(self.planner_kappa())
+        return out
+
+    def planner_kappa(self) -> dict[str, Any]:
+        """κ in the planner's unit, MACs per E² per sequence and sectional layer
+        (:func:`cost_model.kappa_in_macs`), with what the conversion used: the measured FLOP rate
+        (the costliest run's FLOPs per step over its fitted compute time), sequences per step and
+        sectional layers of the group. None (with a note) when a quantity is missing or not unique."""
+        out: dict[str, Any] = {"flop_rate_per_s": None, "sequences_per_step": None, "sectional_layers": None,
+                               "kappa_macs_per_E2_seq_layer": None}
+        f = self.fit
+        if f is None or f.rate is None:
+            out["kappa_macs_note"] = "no FLOP rate: the fit has no exact compute term or a non-positive compute time"
+            return out
+        d = self.data
+        seqs = (d["batch_tokens"] / d["seq_len"]).dropna().unique()
+        layers = (d["n_layers"] // d["sectional_every"]).dropna().unique()
+        out["flop_rate_per_s"] = f.rate
+        if len(seqs) != 1 or len(layers) != 1 or not seqs[0] > 0 or not layers[0] > 0:
+            out["kappa_macs_note"] = "sequences per step or sectional layers missing or not one value in the group"
+            return out
+        out.update(sequences_per_step=float(seqs[0]), sectional_layers=int(layers[0]),
+                   kappa_macs_per_E2_seq_layer=cost_model.kappa_in_macs(kappa_s=f.kappa, flop_rate=f.rate, sequences_per_step=float(seqs[0]),
+                                                                        sectional_layers=int(layers[0])))
+        out["kappa_macs_note"] = "[I] assumes the overhead scales with sequences and sectional layers; plan --kappa-from fits.json"
         return out
 
 
@@ -191,8 +220,10 @@ def kappa_fits(df: pd.DataFrame) -> list[KappaResult]:
     Groups: size and routing, plus every config column that varies among the sectional runs of a
     routing (see :func:`varying_config_columns`), so runs that differ in, e.g., sectional_every or
     seq_reduction are never pooled as if they were seeds. The compute term is each run's exact
-    training FLOPs per step (``flops_per_token`` x ``batch_tokens``, from ``sectional_moe.flops``);
+    training FLOPs per step (``flops_per_token`` x ``batch_tokens``, from ``sectional_moe.models.flops``);
     only when a run lacks it does the fit fall back to R1's summed QKV fraction (r = E assumed).
+    κ comes in seconds per E² per step and, converted with the measured FLOP rate, in the planner's
+    MACs per E² per sequence and sectional layer (:meth:`KappaResult.planner_kappa`).
     """
     sect = finished(df)
     sect = sect[(sect["family"] == "sectional") & sect["experts"].notna() & sect["step_time_s"].notna()]
@@ -200,8 +231,8 @@ def kappa_fits(df: pd.DataFrame) -> list[KappaResult]:
     out = []
     for key, g in config_groups(sect, keys):
         label = group_label(key, bare=())
-        data = g[["run", "experts", "step_time_s", "flops_per_token", "batch_tokens"]].astype(
-            {"experts": float, "flops_per_token": float, "batch_tokens": float})
+        data = g[["run", "experts", "step_time_s", "flops_per_token", "batch_tokens", "seq_len", "n_layers", "sectional_every"]].astype(
+            {"experts": float, "flops_per_token": float, "batch_tokens": float, "seq_len": float, "n_layers": float, "sectional_every": float})
         distinct = data["experts"].nunique()
         if distinct < 3 or len(data) < 4:
             out.append(KappaResult(label, data, reason=f"{len(data)} run(s) at {distinct} distinct E; fit_kappa needs >= 4 runs at >= 3 distinct E", key=key))
@@ -346,8 +377,14 @@ def compute_law_fits(df: pd.DataFrame, *, loss: str = "val_loss_best", n_boot: i
             continue
         c0 = float(np.exp(np.mean(np.log(C))))
         start = {"E": 0.5 * float(L.min()), "A": max(float(L.max() - 0.5 * L.min()), 1e-3), "alpha": 0.3}
-        fit = fitting.fit_parametric(COMPUTE_LAW, inputs={"C": C / c0}, L=L, init=start, n_random_starts=8, seed=seed)
+        try:
+            fit = fitting.fit_parametric(COMPUTE_LAW, inputs={"C": C / c0}, L=L, init=start, n_random_starts=8, seed=seed)
+        except ValueError as err:  # fitting.Underdetermined: too few points or distinct budgets
+            out.append(LawFit(str(family), COMPUTE_LAW.name, len(g), reason=f"not fitted: {err}"))
+            continue
         degenerate = at_bounds(COMPUTE_LAW, fit.params, scale=float(L.min()))
+        if not fit.identified:
+            degenerate = degenerate + [f"not identified: {'; '.join(fit.identifiability['reasons'])}"]
         if degenerate:
             out.append(LawFit(str(family), COMPUTE_LAW.name, len(g), params={**fit.params, "C0": c0}, reason=(
                 "degenerate fit, not a result: " + "; ".join(degenerate) + " (the data do not constrain the law)")))
@@ -370,19 +407,79 @@ def compute_law_fits(df: pd.DataFrame, *, loss: str = "val_loss_best", n_boot: i
     return out
 
 
-def chinchilla_fits(df: pd.DataFrame, *, loss: str = "val_loss_best") -> list[LawFit]:
-    """Per family, Hoffmann/Epoch ``L = E + A/N^α + B/D^β`` (N = params_total, D = tokens) when there
-    are >= 8 finished runs with >= 3 distinct N and >= 3 distinct D; else the reason."""
+FIT_PARAMS = ("params_non_embedding", "params_total", "params_active", "params_flop_equivalent")
+
+
+def chinchilla_fits(df: pd.DataFrame, *, loss: str = "val_loss_best", params: str = "params_non_embedding") -> list[LawFit]:
+    """Per family, Hoffmann/Epoch ``L = E + A/N^α + B/D^β`` (N = the ``params`` column, D = tokens) when
+    there are >= 8 finished runs with >= 3 distinct N and >= 3 distinct D; else the reason. A fit that is
+    degenerate or not identified (``fitting.identify``) is reported with its reason, not as a result."""
     out = []
     for family, g in finished(df).groupby("family", sort=True):
-        g = g.dropna(subset=["params_total", "tokens", loss])
-        nN, nD = g["params_total"].nunique(), g["tokens"].nunique()
+        g = g.dropna(subset=[params, "tokens", loss])
+        nN, nD = g[params].nunique(), g["tokens"].nunique()
         if len(g) < MIN_RUNS_CHINCHILLA or nN < 3 or nD < 3:
             out.append(LawFit(str(family), "chinchilla", len(g), reason=(
                 f"{len(g)} run(s), {nN} distinct N, {nD} distinct D; needs >= {MIN_RUNS_CHINCHILLA} runs with >= 3 distinct N and D")))
             continue
-        fit = fitting.fit_chinchilla(N=g["params_total"], D=g["tokens"], L=g[loss], init=fitting.small_init_grid())
+        try:
+            fit = fitting.fit_chinchilla(N=g[params], D=g["tokens"], L=g[loss], init=fitting.small_init_grid())
+        except ValueError as err:  # fitting.Underdetermined
+            out.append(LawFit(str(family), "chinchilla", len(g), reason=f"not fitted: {err}"))
+            continue
         degenerate = at_bounds(CHINCHILLA, fit.params, scale=float(g[loss].min())) + implausible_exponents(fit.params)
+        if not fit.identified:
+            degenerate.append(f"not identified: {'; '.join(fit.identifiability['reasons'])}")
         reason = "degenerate fit, not a result: " + "; ".join(degenerate) if degenerate else None
-        out.append(LawFit(str(family), "chinchilla", len(g), params={**fit.params, **fit.derived}, reason=reason))
+        derived = {k: v for k, v in fit.derived.items() if v is not None}
+        out.append(LawFit(str(family), "chinchilla", len(g), params={**fit.params, **derived}, reason=reason))
     return out
+
+
+# ============================================================================================
+# IsoFLOP analysis (Hoffmann Approaches 1 and 2) and allocation laws per family
+# ============================================================================================
+def isoflop_runs(df: pd.DataFrame, *, loss: str = "val_loss_best", params: str = "params_non_embedding") -> pd.DataFrame:
+    """The finished runs as :func:`sectional_moe.theory.isoflop.isoflop_analysis` reads them:
+    run (run_id), family, N = the ``params`` column, M = flops_per_token, C = compute_flops (= M·D), L = ``loss``."""
+    done = finished(df)
+    return pd.DataFrame({"run": done["run_id"].astype(str), "family": done["family"].astype(str), "N": done[params].astype(float),
+                         "M": done["flops_per_token"].astype(float), "C": done["compute_flops"].astype(float),
+                         "L": done[loss].astype(float)}).reset_index(drop=True)
+
+
+def training_curves(df: pd.DataFrame) -> pd.DataFrame | None:
+    """(run, C, L): every logged evaluation of the finished runs with both ``perf/flops`` and
+    ``val/loss``, re-read from their run directories or offline W&B files (the table holds only
+    the final numbers). Runs read from the W&B API are skipped. None when no run has a curve."""
+    points = []
+    for _, row in finished(df).iterrows():
+        path = row.get("path")
+        if not isinstance(path, str) or not path or not Path(path).exists():
+            continue
+        try:
+            if row.get("source") == "runs":
+                rec = read_run_dir(Path(path))
+            elif row.get("source") == "wandb-offline":
+                files = find_wandb_files(Path(path).parent).get(str(row["run_id"]))
+                rec = read_wandb_files(files) if files else None
+            else:
+                rec = None
+        except (OSError, ValueError):
+            rec = None
+        for h in (rec.history if rec is not None else []):
+            c, loss = num(h.get("perf/flops")), num(h.get("val/loss"))
+            if c is not None and loss is not None:
+                points.append((str(row["run_id"]), c, loss))
+    return pd.DataFrame(points, columns=["run", "C", "L"]) if points else None
+
+
+def isoflop_results(df: pd.DataFrame, *, curves: pd.DataFrame | None = None, loss: str = "val_loss_best", n_boot: int = 100,
+                    seed: int = 0, params: str = "params_non_embedding") -> list[isoflop.IsoflopResult]:
+    """Approach 2 (IsoFLOP profiles of the final ``loss``), Approach 1 (envelope of ``curves``) and
+    the allocation laws M_opt(C), D_opt(C) per family (:mod:`sectional_moe.theory.isoflop`); a
+    family without IsoFLOP budgets or curves gets the reason."""
+    runs = isoflop_runs(df, loss=loss, params=params)
+    if runs.empty:
+        return []
+    return isoflop.isoflop_analysis(runs, curves, n_boot=n_boot, seed=seed)

@@ -20,7 +20,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from sectional_moe.report import analysis  # noqa: E402
-from sectional_moe.report.collect import expert_fractions  # noqa: E402
+from sectional_moe.report.replicates import configuration_columns, t_interval  # noqa: E402
+from sectional_moe.report.table import expert_fractions  # noqa: E402
+from sectional_moe.theory import isoflop, plots  # noqa: E402
 
 LABELS: dict[str, str] = {
     "val_ppl_best": "best validation perplexity",
@@ -34,9 +36,11 @@ LABELS: dict[str, str] = {
     "mfu": "MFU (fraction of peak)",
     "peak_mem_gib": "peak memory (GiB)",
     "params_total": "total parameters N",
-    "params_active": "active parameters N_a",
+    "params_active": "active parameters (read per token)",
+    "params_flop_equivalent": "FLOP-equivalent active parameters N_a",
 }
 FAMILY_MARKERS = {"dense": "s", "moe": "o", "sectional": "^"}
+NARROW_DECADES = 1.5  # a compute axis spanning fewer decades gets explicit, non-overlapping ticks
 
 
 @dataclass
@@ -97,22 +101,33 @@ def line_groups(df: pd.DataFrame, group_by: str) -> tuple[list[str], list[str]]:
     return keys, analysis.drop_implied(df, named, keep=("family", "routing", group_by))
 
 
+def _mean_ci(values: pd.Series) -> tuple[float, float, float]:
+    """(mean, lower, upper error bar) of the replicates: the 95 % t-interval, none for one run."""
+    ci = t_interval(values.astype(float).tolist())
+    if ci["ci_lo"] is None:
+        return float(ci["mean"]), 0.0, 0.0
+    return float(ci["mean"]), float(ci["mean"] - ci["ci_lo"]), float(ci["ci_hi"] - ci["mean"])
+
+
 def _lines_vs_experts(ax: plt.Axes, df: pd.DataFrame, metric: str, group_by: str) -> int:
-    """Mean over seeds per config group vs E, min-max bars; dense as dashed lines."""
+    """Mean over seeds per config group vs E with 95 % t-interval bars; dense as dashed lines with a band."""
     routed = df[df["experts"].notna() & df[metric].notna()].astype({"experts": float})
     dense = df[(df["family"] == "dense") & df[metric].notna()]
     keys, named = line_groups(pd.concat([routed, dense]), group_by)
     n = 0
     for key, g in analysis.config_groups(routed, keys):
-        stats = g.groupby("experts")[metric].agg(["mean", "min", "max"]).sort_index()
-        ax.errorbar(stats.index, stats["mean"], yerr=[stats["mean"] - stats["min"], stats["max"] - stats["mean"]],
-                    marker=FAMILY_MARKERS.get(key["family"], "o"), capsize=3,
+        points = sorted((e, *_mean_ci(v)) for e, v in g.groupby("experts")[metric])
+        x, mean, lo, hi = (np.array(col) for col in zip(*points))
+        ax.errorbar(x, mean, yerr=[lo, hi], marker=FAMILY_MARKERS.get(key["family"], "o"), capsize=3,
                     label=analysis.group_label({k: key[k] for k in named if k in key}))
         n += 1
     dense_keys = [k for k in keys if k not in ("family", "routing") and dense[k].nunique(dropna=False) > 1]
     for key, g in analysis.config_groups(dense, ["family", *dense_keys]):
         extra = analysis.group_label({k: key[k] for k in dense_keys}, bare=())
-        ax.axhline(g[metric].mean(), ls="--", color="k", alpha=0.6, label=f"dense{', ' + extra if extra else ''} (reference)")
+        mean, lo, hi = _mean_ci(g[metric])
+        line = ax.axhline(mean, ls="--", color="k", alpha=0.6, label=f"dense{', ' + extra if extra else ''} (reference)")
+        if lo or hi:
+            ax.axhspan(mean - lo, mean + hi, color=line.get_color(), alpha=0.08)
         n += 1
     if len(routed):
         _log2_experts(ax, routed["experts"])
@@ -147,8 +162,8 @@ def fig_quality_vs_experts(df: pd.DataFrame, metric: str, group_by: str) -> Figu
     done = analysis.finished(df)
     title = f"{label(metric)} vs E"
     cap = (f"{label(metric)} of finished runs against the number of experts E, one line per family, {group_by} and "
-           "every other config setting that differs between runs (named in the legend; mean over seeds, bars: min-max); "
-           "dense runs are the dashed reference line. Dotted: the data's unigram and bigram validation perplexity "
+           "every other config setting that differs between runs (named in the legend; mean over seeds, bars: 95 % "
+           "t-interval of the mean, none for a single seed); dense runs are the dashed reference line (band: its interval). Dotted: the data's unigram and bigram validation perplexity "
            "(the level of token frequencies and of adjacent-token statistics), when logged.")
     if not done[metric].notna().any():
         return Figure("quality_vs_experts", title, cap, skipped=f"no finished run has {metric}")
@@ -169,7 +184,8 @@ def fig_throughput_memory(df: pd.DataFrame, metric: str, group_by: str) -> Figur
     title = "Throughput and peak memory vs E"
     kinds = ", ".join(sorted(done["mem_kind"].dropna().unique())) or "n/a"
     cap = ("Left: steady-state global training tokens/s (first logging window and validation excluded). "
-           f"Right: peak memory in GiB ({kinds}: CUDA max reserved or CPU process peak RSS). Dense runs dashed.")
+           f"Right: peak memory in GiB ({kinds}: CUDA max reserved or CPU process peak RSS). Dense runs dashed. "
+           "Points: mean over seeds, bars: 95 % t-interval of the mean.")
     if not (done["tokens_per_s"].notna().any() or done["peak_mem_gib"].notna().any()):
         return Figure("throughput_memory_vs_experts", title, cap, skipped="no finished run logged perf/ or mem/ metrics")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -184,25 +200,71 @@ def fig_loss_vs_compute(df: pd.DataFrame, metric: str, group_by: str) -> Figure:
     done = analysis.finished(df).dropna(subset=["compute_flops", "val_loss_best"])
     title = "Loss vs training compute (Pareto frontier)"
     cap = ("Best validation loss (nats/token) against training compute C = trained tokens x training FLOPs/token "
-           "(3 x forward matmul FLOPs incl. attention scores, PaLM convention; FLOPs, log scale). The black line joins the "
-           "Pareto-optimal runs (no other run is both cheaper and better).")
+           "(3 x forward matmul FLOPs incl. attention scores, PaLM convention; FLOPs, log scale). One point per configuration: "
+           "the mean over its seeds, bars: 95 % t-interval of the mean. The black line joins the Pareto-optimal "
+           "configurations (no other is both cheaper and better on average).")
     if done.empty:
         return Figure("loss_vs_compute", title, cap, skipped="no finished run has both compute and validation loss")
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for fam, g in done.groupby("family", sort=True):
-        ax.scatter(g["compute_flops"], g["val_loss_best"], marker=FAMILY_MARKERS.get(fam, "o"), s=45, label=str(fam), alpha=0.85)
-    mask = analysis.pareto_mask(done["compute_flops"].to_numpy(), done["val_loss_best"].to_numpy())
-    front = done[mask].sort_values("compute_flops")
+    means = configuration_means(done, "val_loss_best")
+    for fam, g in means.groupby("family", sort=True):
+        ax.errorbar(g["compute_flops"], g["val_loss_best"], yerr=[g["err_lo"], g["err_hi"]], fmt=FAMILY_MARKERS.get(fam, "o"),
+                    ms=6, capsize=3, label=str(fam), alpha=0.85)
+    mask = analysis.pareto_mask(means["compute_flops"].to_numpy(), means["val_loss_best"].to_numpy())
+    front = means[mask].sort_values("compute_flops")
     ax.step(front["compute_flops"], front["val_loss_best"], where="post", color="k", lw=1.2, label="Pareto frontier")
     for _, r in front.iterrows():
         ax.annotate(_short(r), (r["compute_flops"], r["val_loss_best"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xscale("log")
+    compute_axis(ax, done["compute_flops"])
     ax.set_xlabel("training compute C (FLOPs, log)")
     ax.set_ylabel("best validation loss (nats/token)")
     ax.grid(alpha=0.3, which="both")
     _legend(ax)
     ax.set_title(title)
     return Figure("loss_vs_compute", title, cap, png=_png(fig))
+
+
+def configuration_means(df: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """One row per configuration (seeds pooled): its first run's columns, the mean of ``metric`` and
+    of ``compute_flops``, and the error bars of the 95 % t-interval (``err_lo``, ``err_hi``)."""
+    columns = configuration_columns(df)
+    rows = []
+    for _, g in df.groupby([df[c].astype(object).where(df[c].notna(), "∅") for c in columns], sort=False):
+        row = g.iloc[0].copy()
+        row[metric], row["err_lo"], row["err_hi"] = _mean_ci(g[metric])
+        row["compute_flops"] = float(g["compute_flops"].mean())
+        rows.append(row)
+    return pd.DataFrame(rows).reset_index(drop=True)
+
+
+def compute_axis(ax: plt.Axes, values: Any) -> None:
+    """A log x-axis of training compute whose tick labels never overlap: within less than
+    :data:`NARROW_DECADES` decades matplotlib labels the minor ticks too (``2x10^14 3x10^14 ...``
+    run into each other), so a narrow range gets at most 4 ticks at rounded values, in
+    engineering notation, and no minor labels."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+
+    ax.set_xscale("log")
+    v = np.asarray(pd.to_numeric(pd.Series(values), errors="coerce"), dtype=float)
+    v = v[np.isfinite(v) & (v > 0)]
+    if v.size == 0 or np.log10(v.max() / v.min()) >= NARROW_DECADES:
+        return
+    lo, hi = v.min(), v.max()
+    raw = np.geomspace(lo, hi, 4) if hi > lo * 1.001 else np.array([lo])
+    ticks = sorted({float(f"{t:.2g}") for t in raw})
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: eng(x)))
+    pad = (hi / lo) ** 0.08 if hi > lo * 1.001 else 1.2
+    ax.set_xlim(min(lo, ticks[0]) / pad, max(hi, ticks[-1]) * pad)
+
+
+def eng(x: float) -> str:
+    """``3.4e14`` -> ``340T`` (FLOPs), two significant digits."""
+    for div, suffix in ((1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= div:
+            return f"{float(f'{x / div:.2g}'):g}{suffix}"
+    return f"{x:.2g}"
 
 
 def _short(r: pd.Series) -> str:
@@ -218,9 +280,10 @@ def fig_step_cost(df: pd.DataFrame, metric: str, group_by: str, kappas: list[ana
     cap = ("Steady-state seconds per optimiser step against E. For each group of sectional runs with the same config "
            "(size, routing and every setting that differs, named in the legend) and enough runs, the dotted line is "
            "theory.fit_kappa's step-time model t = t0 + a·g(E) + κE², κ in s/E², g = each run's exact training FLOPs per step "
-           "(sectional_moe.flops) relative to the costliest run (R1's summed QKV fraction only when FLOPs are missing); "
+           "(sectional_moe.models.flops) relative to the costliest run (R1's summed QKV fraction only when FLOPs are missing); "
            "E_opt measured = swept E with the lowest step time, fitted = argmin of the fitted curve, predicted = optimum "
-           "of the reconstructed S(E) (R1 compute term only).")
+           "of the reconstructed S(E) (R1 compute term only). The κ table also gives κ in the planner's unit, MACs per E² per "
+           "sequence and sectional layer, converted with the measured FLOP rate (plan --kappa-from fits.json).")
     notes = [f"κ fit skipped for {k.label}: {k.reason}" for k in kappas if k.fit is None]
     routed = done[done["experts"].notna() & done["step_time_s"].notna()]
     if routed.empty:
@@ -296,7 +359,7 @@ def fig_scaling(df: pd.DataFrame, metric: str, group_by: str, fits: list[analysi
         if f.band is not None:
             ax.fill_between(f.grid, f.band[0], f.band[1], color=line.get_color(), alpha=0.2)
         ax.scatter(g["compute_flops"], g["val_loss_best"], color=line.get_color(), marker=FAMILY_MARKERS.get(f.family, "o"))
-    ax.set_xscale("log")
+    compute_axis(ax, np.concatenate([np.asarray(f.grid, dtype=float) for f in good] + [done["compute_flops"].to_numpy(dtype=float)]))
     ax.set_xlabel("training compute C (FLOPs, log)")
     ax.set_ylabel("best validation loss (nats/token)")
     ax.grid(alpha=0.3, which="both")
@@ -305,12 +368,69 @@ def fig_scaling(df: pd.DataFrame, metric: str, group_by: str, fits: list[analysi
     return Figure("scaling_fits", title, cap, png=_png(fig), notes=notes)
 
 
+def fig_isoflop(df: pd.DataFrame, metric: str, group_by: str, results: list[isoflop.IsoflopResult]) -> Figure:
+    title = "IsoFLOP profiles and compute-optimal N(C) (Hoffmann Approaches 1 and 2)"
+    cap = ("Left: best validation loss (nats/token) against total parameters N at each compute budget (runs within 5 % of C, "
+           "C = trained tokens x training FLOPs/token), a parabola in ln N per budget with >= 3 sizes and its minimum (stars). "
+           "Right: the minima N_opt against C, the power law N_opt = k·C^a with its 95 % bootstrap band (runs resampled within "
+           "budgets), and (dotted) the run on the lower envelope of the validation curves at each C (Approach 1). "
+           "theory.isoflop; exponents and Wan et al. 2026's published allocation are in the fit tables.")
+    notes = []
+    for r in results:
+        if r.approach2.get("reason"):
+            notes.append(f"{r.family}: Approach 2: {r.approach2['reason']}")
+        a1 = r.approach1
+        notes.append(f"{r.family}: Approach 1: {a1['reason']}" if a1 is not None and a1.get("reason") else
+                     f"{r.family}: Approach 1: no training curves" if a1 is None else "")
+        notes += [f"{r.family}: {n}" for n in r.notes]
+    notes = [n for n in notes if n]
+    runs = analysis.isoflop_runs(df)
+    runs = runs[np.isfinite(runs[["N", "C", "L"]]).all(axis=1)]
+    if runs.empty or not results:
+        return Figure("isoflop", title, cap, notes=notes, skipped="no finished run has parameters, compute and validation loss")
+    # the runs are drawn even without a power law: the left panel shows why (one size per budget, ...)
+    return Figure("isoflop", title, cap, png=_png(plots.isoflop_figure(results, runs)), notes=notes)
+
+
 #: Every figure of the report, in order (slug -> builder); tests check each appears or is explained.
-FIGURE_SLUGS = ("quality_vs_experts", "throughput_memory_vs_experts", "loss_vs_compute", "step_cost_kappa", "expert_load", "scaling_fits")
+FIGURE_SLUGS = ("quality_vs_experts", "throughput_memory_vs_experts", "loss_vs_compute", "step_cost_kappa", "expert_load", "scaling_fits",
+                "isoflop", "lr_tuning")
+
+
+def fig_lr_tuning(df: pd.DataFrame, metric: str) -> Figure:
+    """The tuning curve: ``metric`` against the learning rate, one line per configuration (seeds
+    pooled, 95 % t-interval bars), the best value of each line marked; drawn when lr varies."""
+    done = analysis.finished(df).dropna(subset=["lr", metric])
+    title = f"{label(metric)} vs learning rate"
+    cap = (f"{label(metric)} of finished runs against optim.lr (log scale), one line per configuration (every config "
+           "setting but lr and seed); points: mean over seeds, bars: 95 % t-interval; a star marks each line's best lr.")
+    columns = [c for c in configuration_columns(done) if c != "lr"]
+    lines = list(analysis.config_groups(done, columns)) if len(done) else []
+    lines = [(key, g) for key, g in lines if g["lr"].nunique() > 1]
+    if not lines:
+        return Figure("lr_tuning", title, cap, skipped="no configuration was trained at more than one learning rate")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    named = analysis.drop_implied(done, [c for c in columns if done[c].astype(object).nunique(dropna=False) > 1],
+                                  keep=("family", "routing"))
+    better = min if analysis.ascending(metric) else max
+    for key, g in lines:
+        points = sorted((lr, *_mean_ci(v)) for lr, v in g.groupby("lr")[metric])
+        x, mean, lo, hi = (np.array(col) for col in zip(*points))
+        bars = ax.errorbar(x, mean, yerr=[lo, hi], marker=FAMILY_MARKERS.get(key.get("family"), "o"), capsize=3,
+                           label=analysis.group_label({k: key[k] for k in named if k in key}) or "runs")
+        best = better(range(len(x)), key=lambda i: mean[i])
+        ax.plot([x[best]], [mean[best]], marker="*", ms=14, color=bars.lines[0].get_color(), ls="none")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate optim.lr (log)")
+    ax.set_ylabel(label(metric))
+    ax.grid(alpha=0.3, which="both")
+    _legend(ax)
+    ax.set_title(title)
+    return Figure("lr_tuning", title, cap, png=_png(fig))
 
 
 def build_figures(df: pd.DataFrame, *, metric: str, group_by: str, kappas: list[analysis.KappaResult],
-                  law_fits: list[analysis.LawFit]) -> list[Figure]:
+                  law_fits: list[analysis.LawFit], isoflops: list[isoflop.IsoflopResult] | None = None) -> list[Figure]:
     builders: list[Callable[[], Figure]] = [
         lambda: fig_quality_vs_experts(df, metric, group_by),
         lambda: fig_throughput_memory(df, metric, group_by),
@@ -318,6 +438,8 @@ def build_figures(df: pd.DataFrame, *, metric: str, group_by: str, kappas: list[
         lambda: fig_step_cost(df, metric, group_by, kappas),
         lambda: fig_expert_load(df, metric, group_by),
         lambda: fig_scaling(df, metric, group_by, law_fits),
+        lambda: fig_isoflop(df, metric, group_by, isoflops or []),
+        lambda: fig_lr_tuning(df, metric),
     ]
     out = []
     for slug, build in zip(FIGURE_SLUGS, builders):

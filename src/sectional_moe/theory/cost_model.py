@@ -9,10 +9,12 @@ Everything here is pure numpy. Provenance tags (as in ``shared/paper-notes.md``)
 
 Units: costs are in multiply-accumulates (MACs) per sequence of ``seq_len`` tokens, like the
 paper's ``A_trad = 3·L·d0²``. The exact per-config counts of :func:`block_flops_comparison` come
-from :mod:`sectional_moe.flops`, which counts FLOPs (2 per MAC) per token; only ratios are compared.
+from :mod:`sectional_moe.models.flops`, which counts FLOPs (2 per MAC) per token; only ratios are compared.
 
 Symbols: ``L`` = ``seq_len`` (tokens), ``d0`` = ``d_model``, ``E`` = number of experts = number
-of embedding sections, ``κ`` = ``kappa`` (overhead cost per E², in the unit of ``A_trad``).
+of embedding sections, ``κ`` = ``kappa`` (overhead cost per E², in the unit of ``A_trad``: MACs
+per E² per sequence and (sectional) layer). :func:`fit_kappa` measures κ in seconds per E² per
+optimiser step; :func:`kappa_in_macs` converts it with the measured FLOP rate.
 """
 
 from __future__ import annotations
@@ -212,18 +214,32 @@ def savings_derivative(
     return _scalar(a_trad * g - 2.0 * kappa * E)
 
 
-def kappa_in_macs(*, kappa_time: float, a_time: float, a_macs: float) -> float:
-    """A measured κ (time per E², from :func:`fit_kappa`) in this module's unit, MACs per E² [I].
+def kappa_in_macs(*, kappa_s: float, flop_rate: float, sequences_per_step: float, sectional_layers: int) -> float:
+    """κ as the report measures it → κ as the planner and this module use it [I].
 
-    ``a_time`` is the fitted time of the compute term at g = 1 and ``a_macs`` the MACs that g = 1
-    stands for: with the R1 term that is ``A_trad = 3·L·d0²`` of the measured shape (then
-    ``KappaFit.a_time`` is A_trad in time units). κ/a is dimensionless, so
-    ``κ_MACs = κ_time / a_time · a_macs``. Assumes the overhead scales like compute between the
-    measured setting and the one it is applied to.
+    The report (:func:`fit_kappa` with each run's exact FLOPs per step as the compute term) gives
+    κ in **seconds per E² per optimiser step**, next to the measured FLOP rate ``R`` (FLOP/s: the
+    costliest run's FLOPs per step over its fitted compute time, :attr:`KappaFit.rate`). The
+    planner's κ is in **MACs per E² per sequence and sectional layer** (the unit of
+    ``A_trad = 3·L·d0²``, one sequence through one block). So
+
+    ``κ_MACs = κ_s · R / 2 / (sequences_per_step · sectional_layers)``
+
+    (2 FLOPs per MAC). The assumption is that the overhead scales with sequences and sectional
+    layers (the router/merge/sync work of each block and sequence), so that it transfers to
+    another batch or depth; :func:`kappa_flops_per_token` undoes it for a planned shape.
     """
-    if a_time <= 0:
-        raise ValueError(f"a_time={a_time} must be > 0 (the fitted compute term is not positive)")
-    return kappa_time / a_time * a_macs
+    if not (flop_rate > 0 and sequences_per_step > 0 and sectional_layers > 0):
+        raise ValueError(f"flop_rate={flop_rate}, sequences_per_step={sequences_per_step} and sectional_layers={sectional_layers} "
+                         "must be > 0")
+    return kappa_s * flop_rate / 2.0 / (sequences_per_step * sectional_layers)
+
+
+def kappa_flops_per_token(*, kappa_macs: float, sectional_layers: int, seq_len: int) -> float:
+    """The overhead per E² in training FLOPs per token of a model with ``sectional_layers`` sectional
+    layers and context ``seq_len``: ``2·κ_MACs·sectional_layers/seq_len`` [I] (inverse of
+    :func:`kappa_in_macs`), to add ``κ·E²`` to :func:`sectional_moe.models.flops.flops_per_token`."""
+    return 2.0 * kappa_macs * sectional_layers / seq_len
 
 
 def e_opt_closed_form(*, a_trad: float, kappa: float) -> float:
@@ -306,7 +322,7 @@ def e_opt_table(
 
 
 # --------------------------------------------------------------------------------------------
-# Exact per-config counts (sectional_moe.flops)
+# Exact per-config counts (sectional_moe.models.flops)
 # --------------------------------------------------------------------------------------------
 BLOCK_COMPONENTS = ("qkv", "attn_scores", "attn_out", "ffn", "router", "merge", "pool")
 
@@ -332,7 +348,7 @@ def block_flops_comparison(
     vocab_size: int = 32000,
 ) -> pd.DataFrame:
     """Exact FLOP ratio ``dense block / sectional block`` per component, from
-    :func:`sectional_moe.flops.flops_breakdown` on 1-layer specs of the same ``d_model``, L [D].
+    :func:`sectional_moe.models.flops.flops_breakdown` on 1-layer specs of the same ``d_model``, L [D].
 
     Our framework's block (paper-notes §1.3, our reconstruction [I]): a full-width pre-expert layer
     on L/r positions, E attention+SwiGLU experts on d/E-wide sections, optional merge projection.
@@ -346,8 +362,8 @@ def block_flops_comparison(
     for comparison. ``note`` says why a row is NaN (an invalid spec for that E).
     """
     from sectional_moe.errors import ConfigError
-    from sectional_moe.flops import flops_breakdown
-    from sectional_moe.spec import ModelSpec
+    from sectional_moe.models.flops import flops_breakdown
+    from sectional_moe.models.spec import ModelSpec
 
     n_heads = n_heads or max(1, d_model // 128)
     n_kv_heads = n_kv_heads or n_heads
@@ -439,6 +455,21 @@ class KappaFit:
     predicted_note: str  # why ``predicted`` is None, or ""
     per_e: pd.DataFrame  # E, mean measured time, n, mean g, fitted times of both models
     g_coef: list[float] | None = None  # exact term between swept E: coefficients of COMPUTE_BASIS
+    work_max: float | None = None  # the costliest run's compute, in the caller's unit (exact term only)
+
+    @property
+    def rate(self) -> float | None:
+        """Measured compute rate, compute units per time unit (FLOP/s when the compute column is
+        FLOPs per step and times are seconds): the costliest run's compute over its fitted compute
+        time ``a``. None without the exact term or with a non-positive ``a``."""
+        if self.compute_term != "exact" or self.work_max is None or not self.a_fit > 0:
+            return None
+        return self.work_max / self.a_fit
+
+    def best_of(self, experts: Iterable[float], model: str = "quadratic") -> float:
+        """The E among ``experts`` with the lowest fitted step time (the fitted optimum on a grid)."""
+        E = np.asarray(list(experts), dtype=float)
+        return float(E[int(np.argmin(self.predict(E, model)))])
 
     def g(self, experts: np.ndarray) -> np.ndarray:
         """The compute term g(E) at any E (dimensionless): R1's closed form, or, for the exact
@@ -477,12 +508,14 @@ class KappaFit:
             "predicted": self.predicted.to_dict() if self.predicted else None,
             "predicted_note": self.predicted_note,
             "g_coef": self.g_coef,
+            "work_max": self.work_max,
+            "rate": self.rate,
             "per_e": self.per_e.to_dict(orient="records"),
         }
 
 
 #: Functions of E that FLOPs per token of our sectional stacks are a linear combination of [D]
-#: (sectional_moe.flops): a constant (dense layers, merge), 1/E (summed expert sections; a
+#: (sectional_moe.models.flops): a constant (dense layers, merge), 1/E (summed expert sections; a
 #: pre-expert layer on L/r positions when r = E), 1/E² (its attention over L/r keys when r = E)
 #: and E (a learned router's d x E logits). Exact for a fixed r and for r = E.
 COMPUTE_BASIS = ("1", "1/E", "1/E^2", "E")
@@ -544,7 +577,7 @@ def fit_kappa(
     The compute term g(E):
 
     * ``compute`` given (preferred): the exact compute of each measured run in any unit, e.g.
-      training FLOPs per step or per token from :mod:`sectional_moe.flops`, divided by its
+      training FLOPs per step or per token from :mod:`sectional_moe.models.flops`, divided by its
       maximum (dimensionless, 1 = the most expensive run); right for any seq_reduction,
       sectional_every or block layout. If it is the same for every run, the a·g term is dropped.
     * otherwise the fallback: R1's ``A_sect/A_trad`` (``view``), which assumes the whole step is
@@ -622,6 +655,7 @@ def fit_kappa(
         measured_e_opt=float(uniq[int(np.argmin(per_e["mean_time"]))]), fitted_e_opt=float("nan"),
         predicted=predicted, predicted_note=note, per_e=per_e,
         g_coef=_fit_compute_basis(uniq, per_e["g"].to_numpy()) if compute_term == "exact" else None,
+        work_max=float(work.max()) if compute is not None else None,
     )
     for name in models:
         per_e[f"fit_{name}"] = fit.predict(uniq, name)

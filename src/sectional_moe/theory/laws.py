@@ -24,6 +24,10 @@ import numpy as np
 
 ArrayLike = float | np.ndarray
 
+DEFAULT_MIN_DISTINCT = 3
+"""Distinct values of an input a fit needs when its law does not say: a power term in that input
+next to a constant has a coefficient and an exponent, so 3 values [D]."""
+
 
 @dataclass(frozen=True)
 class CoefficientSet:
@@ -40,7 +44,11 @@ class Law:
     """A parametric loss law ``L = fn(**inputs, **params)``.
 
     ``positive`` lists the parameters a fitter should optimise in log space (they must be > 0);
-    ``bounds`` optional (low, high) boxes for the others.
+    ``bounds`` optional (low, high) boxes for the others. ``input_params`` says which parameters
+    act on each input and ``min_distinct`` how many distinct values of that input a fit needs to
+    determine them [D: a term ``A/x^α`` beside a constant needs 3 values of x]; the fitters refuse
+    data with fewer (an input whose parameters are all held fixed is not checked). Inputs missing
+    from ``min_distinct`` need :data:`DEFAULT_MIN_DISTINCT`.
     """
 
     name: str
@@ -56,6 +64,18 @@ class Law:
     conventions: str
     positive: tuple[str, ...] = ()
     bounds: Mapping[str, tuple[float | None, float | None]] = field(default_factory=dict)
+    input_params: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    min_distinct: Mapping[str, int] = field(default_factory=dict)
+
+    def design_rules(self, fixed: Mapping[str, float] | None = None) -> dict[str, int]:
+        """Distinct values each input needs, skipping inputs whose parameters are all fixed."""
+        fixed = fixed or {}
+        out = {}
+        for name in self.inputs:
+            acting = self.input_params.get(name, self.params)
+            if any(p not in fixed for p in acting):
+                out[name] = int(self.min_distinct.get(name, DEFAULT_MIN_DISTINCT))
+        return out
 
     def coefficients(self, which: str | Mapping[str, float] | None = None) -> dict[str, float]:
         """A published set by name (default: ``self.default``), or a dict passed through."""
@@ -89,6 +109,8 @@ class Law:
             "params": list(self.params),
             "conventions": self.conventions,
             "default": self.default,
+            "bounds": {k: list(v) for k, v in self.bounds.items()},
+            "min_distinct": {k: int(self.min_distinct.get(k, DEFAULT_MIN_DISTINCT)) for k in self.inputs},
             "published": {
                 k: {"values": dict(v.values), "provenance": v.provenance, "source": v.source, "note": v.note}
                 for k, v in self.published.items()
@@ -172,6 +194,8 @@ CHINCHILLA = Law(
     conventions="N = total parameters incl. embeddings [S]; D tokens; C = 6·N·D FLOPs; loss in nats.",
     positive=("E", "A", "B"),
     bounds={"alpha": (0.0, 5.0), "beta": (0.0, 5.0)},
+    input_params={"N": ("A", "alpha"), "D": ("B", "beta")},
+    min_distinct={"N": 3, "D": 3},
 )
 
 
@@ -220,6 +244,8 @@ FINE_GRAINED = Law(
     conventions="N non-embedding total params; D tokens; loss nats (C4); G is an average experts per token (Expert Choice).",
     positive=("a", "b", "g", "c"),
     bounds={"alpha": (0.0, 3.0), "beta": (0.0, 3.0), "gamma": (0.0, 3.0)},
+    input_params={"N": ("a", "alpha", "g", "gamma"), "D": ("b", "beta"), "G": ("g", "gamma")},
+    min_distinct={"N": 3, "D": 3, "G": 3},
 )
 
 
@@ -294,6 +320,10 @@ CLARK = Law(
     default="s_base",
     conventions="log base 10 [D]; N dense/active params; fixed 130B training tokens (no D term); loss nats.",
     positive=("e_start", "e_max"),
+    input_params={"N": ("a", "c"), "E": ("b", "c", "e_start", "e_max")},
+    # for fixed (E_start, E_max) the law is linear in (a, b, c, d): 2 values of log N suffice; Ê's
+    # saturation adds E_start and E_max to b, so 4 values of E [D]
+    min_distinct={"N": 2, "E": 4},
 )
 
 
@@ -348,6 +378,9 @@ JOINT_MOE = Law(
     default="ludziejewski2025",
     conventions="N_act active params; D tokens; natural log inside the exponents; loss nats.",
     positive=("a", "b", "c", "e_start", "e_max"),
+    input_params={"N_act": ("a", "alpha", "gamma"), "D": ("b", "beta", "zeta"),
+                  "E": ("delta", "gamma", "omega", "zeta", "e_start", "e_max")},
+    min_distinct={"N_act": 3, "D": 3, "E": 4},
 )
 
 
@@ -440,6 +473,8 @@ ZHAO = Law(
     conventions="N, N_a raw parameter counts [D]; D tokens; embedding convention not stated [S]; loss nats (Dolma subset).",
     positive=("e", "f", "m", "k", "h", "a", "b", "c", "eps"),
     bounds={"alpha": (0.0, 3.0), "beta": (0.0, 3.0)},
+    input_params={"N": ("a", "alpha", "h"), "D": ("b", "beta"), "N_a": ("k", "h", "c"), "G": ("e", "f"), "S": ("m", "n")},
+    min_distinct={"N": 3, "D": 3, "N_a": 3, "G": 3, "S": 3},
 )
 
 

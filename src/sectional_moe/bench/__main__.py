@@ -1,0 +1,3 @@
+from sectional_moe.bench.cli import main
+
+main()

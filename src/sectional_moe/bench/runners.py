@@ -1,0 +1,251 @@
+"""The two training paths the benchmark times: a bare PyTorch loop and ``trainer.fit``, on synthetic tokens.
+
+Both train the same module, batch and optimiser; the loss is :func:`~sectional_moe.models.loss.lm_loss`
+in both, so the difference is only the framework (and, in Lightning, the metrics callbacks).
+
+Imports: torch, lightning, :mod:`sectional_moe.training` (module, optim), :mod:`sectional_moe.callbacks`,
+:mod:`sectional_moe.bench` (cases, probes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning.pytorch as pl
+import torch
+
+from sectional_moe.bench.cases import DEFAULT_BATCH, Case
+from sectional_moe.bench.probes import StepMemory, static_bytes
+from sectional_moe.callbacks import ExpertLoadMonitor, MemoryMonitor, SpeedMonitor, WandbSummary
+from sectional_moe.device import sync
+from sectional_moe.models.loss import lm_loss
+from sectional_moe.models.spec import ModelSpec
+from sectional_moe.training.module import LMModule
+from sectional_moe.training.optim import build_optimizer, lr_multiplier
+
+MODES = ("lightning", "lightning_nocb", "bare")
+MODE_LABELS = {"lightning": "Lightning + metrics callbacks", "lightning_nocb": "Lightning, no callbacks", "bare": "bare PyTorch loop"}
+OPTIM = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, fused="auto", schedule="constant",
+             warmup_steps=0, min_lr_ratio=0.1, decay_frac=0.2)
+GRAD_CLIP = 1.0  # conf/trainer/default.yaml: the bare loop clips exactly as Lightning does
+
+
+class SyntheticBlocks(torch.utils.data.Dataset):
+    """Random token blocks (T+1,) int64 from a fixed seed: the shape the real data module yields."""
+
+    def __init__(self, n: int, seq_len: int, vocab_size: int, seed: int = 0):
+        gen = torch.Generator().manual_seed(seed)
+        self.blocks = torch.randint(0, vocab_size, (n, seq_len + 1), generator=gen)
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.blocks[i]
+
+
+def make_loader(spec: ModelSpec, batch: int, steps: int, device: torch.device) -> torch.utils.data.DataLoader:
+    """Synthetic (B, T+1) batches through a DataLoader, pinned on CUDA like the real data module."""
+    ds = SyntheticBlocks(batch * steps, spec.seq_len, spec.vocab_size)
+    return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=False, drop_last=True,
+                                       pin_memory=device.type == "cuda", num_workers=0)
+
+
+def build_module(spec: ModelSpec, device: torch.device, compile_model: bool, seed: int = 0):
+    """A fresh LMModule (same seed -> same weights in every mode and round)."""
+    torch.manual_seed(seed)
+    return LMModule(spec.to_dict(), dict(OPTIM), max_steps=10**6, compile=compile_model)
+
+
+@dataclass
+class RoundResult:
+    """What one round of one (case, mode) measured."""
+
+    step_times: list[float]
+    step_mem: int | None = None  # transient bytes of the memory step
+    static_mem: int | None = None
+    hook_times: list[float] = field(default_factory=list)  # seconds inside metric callbacks, per timed step
+
+
+def run_bare(case: Case, batch: int, warmup: int, steps: int, device: torch.device, precision: str,
+             compile_model: bool, measure_memory: bool) -> RoundResult:
+    """Plain PyTorch: forward, loss, backward, clip, AdamW step, schedule step, zero_grad."""
+    module = build_module(case.spec, device, compile_model).to(device)
+    model = module.model
+    model.train()
+    optimizer = build_optimizer(model, OPTIM, device.type)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(
+        s, schedule=OPTIM["schedule"], warmup_steps=0, max_steps=10**6, min_lr_ratio=OPTIM["min_lr_ratio"]))
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision.startswith("bf16")
+                else contextlib.nullcontext())
+    total = warmup + steps + (1 if measure_memory else 0)
+    loader = make_loader(case.spec, batch, total, device)
+    ends: list[float] = []
+    mem = StepMemory(device)
+    step_mem = None
+    start = time.perf_counter()
+    for i, batch_ids in enumerate(loader):
+        memory_step = measure_memory and i == total - 1
+        if memory_step:
+            mem.start()
+        batch_ids = batch_ids.to(device, non_blocking=True)
+        with autocast:
+            loss = lm_loss(model, batch_ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync(device)
+        if memory_step:
+            step_mem = mem.stop()
+        else:
+            ends.append(time.perf_counter())
+    times = [b - a for a, b in zip([start, *ends[:-1]], ends)][warmup:]
+    return RoundResult(times, step_mem, static_bytes(model, optimizer))
+
+
+def _timed_hooks(callback: Any, sink: list[float]) -> None:
+    """Wrap a callback's per-step hooks so the time spent in them is added to ``sink[0]``.
+
+    Lightning looks hooks up with ``getattr`` on the instance, so instance attributes win.
+    """
+    for name in ("on_train_batch_start", "on_train_batch_end", "on_before_backward", "on_after_backward",
+                 "on_before_optimizer_step", "on_before_zero_grad"):
+        original = getattr(callback, name)
+
+        def timed(*args, __original=original, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return __original(*args, **kwargs)
+            finally:
+                sink[0] += time.perf_counter() - t0
+
+        setattr(callback, name, timed)
+
+
+def run_lightning(case: Case, batch: int, warmup: int, steps: int, device: torch.device, precision: str,
+                  compile_model: bool, measure_memory: bool, callbacks_on: bool, log_every: int) -> RoundResult:
+    """``trainer.fit`` of the same module, batch and optimiser (``configure_optimizers``), with or
+    without the metrics callbacks; a last-in-list timer callback stamps every batch end."""
+    module = build_module(case.spec, device, compile_model)
+    total = warmup + steps + (1 if measure_memory else 0)
+    hook_sink = [0.0]
+    metric_cbs: list[pl.Callback] = []
+    if callbacks_on:
+        metric_cbs = [SpeedMonitor(cache_dir=None), MemoryMonitor(), ExpertLoadMonitor(), WandbSummary()]
+        for cb in metric_cbs:
+            _timed_hooks(cb, hook_sink)
+
+    class Timer(pl.Callback):
+        """Batch-end timestamps (device synchronised) and the memory of the last step."""
+
+        def __init__(self) -> None:
+            self.ends: list[float] = []
+            self.hooks: list[float] = []
+            self.mem = StepMemory(device)
+            self.step_mem: int | None = None
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if measure_memory and batch_idx == total - 1:
+                self.mem.start()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            sync(device)
+            if measure_memory and batch_idx == total - 1:
+                self.step_mem = self.mem.stop()
+                return
+            self.ends.append(time.perf_counter())
+            self.hooks.append(hook_sink[0])
+            hook_sink[0] = 0.0
+
+    timer = Timer()
+    trainer = pl.Trainer(
+        accelerator=device.type if device.type != "cuda" else "gpu", devices=1, precision=precision,  # type: ignore[arg-type]
+        max_steps=total, max_epochs=-1, logger=False, callbacks=[*metric_cbs, timer],
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, limit_val_batches=0, gradient_clip_val=GRAD_CLIP,
+        log_every_n_steps=log_every, check_val_every_n_epoch=None, val_check_interval=10**9,
+        default_root_dir=tempfile.mkdtemp(prefix="smoe-bench-"),  # callback files (expert_load.json) stay out of the cwd
+    )
+    trainer.fit(module, train_dataloaders=make_loader(case.spec, batch, total, device))
+    ends = timer.ends
+    times = [b - a for a, b in zip(ends[:-1], ends[1:])][max(0, warmup - 1):]
+    hooks = timer.hooks[1:][max(0, warmup - 1):]
+    optimizer = trainer.optimizers[0]
+    result = RoundResult(times, timer.step_mem, static_bytes(module.model, optimizer), hooks if callbacks_on else [])
+    del trainer
+    return result
+
+
+@dataclass
+class Runner:
+    """A (case, mode) pair and everything its rounds measured."""
+
+    case: Case
+    mode: str
+    batch: int
+    times: list[float] = field(default_factory=list)
+    round_medians: list[float] = field(default_factory=list)  # median step time of each round
+    hooks: list[float] = field(default_factory=list)
+    step_mem: list[int] = field(default_factory=list)
+    static_mem: int | None = None
+
+    @property
+    def key(self) -> str:
+        return f"{self.case.name}:{self.mode}"
+
+
+def median(xs: Sequence[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def quartiles(xs: Sequence[float]) -> tuple[float, float] | None:
+    if len(xs) < 2:
+        return None
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return q[0], q[2]
+
+
+@dataclass
+class BenchSettings:
+    presets: list[str]
+    experts: list[int]
+    combos: list[tuple[str, str | None]]
+    overhead: list[str]  # case labels (without preset) that also run bare and Lightning-without-callbacks
+    batch: int | None
+    rounds: int
+    warmup: int
+    steps: int
+    vocab_size: int
+    device: str
+    precision: str
+    compile: bool
+    log_every: int
+    probe_reps: int
+    threads: int | None
+    seq_lens: list[int]
+    d_models: list[int]
+    plot: bool
+    stat: str  # best_round | median: which step time the figures and ratios use
+    out: Path | None
+    quick: bool
+    command: str
+
+    def batch_for(self, preset: str) -> int:
+        return self.batch or DEFAULT_BATCH.get(preset, 4)
+
+
+def step_time(times: Sequence[float], round_medians: Sequence[float], stat: str) -> float | None:
+    """The step time every figure uses: ``median`` of all timed steps pooled, or ``best_round``: the
+    lowest of the per-round medians. On a shared machine foreign load only ever slows a round
+    down, so the least-disturbed round is the estimate of the machine's own speed."""
+    if stat == "best_round":
+        return min(round_medians) if round_medians else None
+    return median(times)

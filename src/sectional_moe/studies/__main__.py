@@ -1,0 +1,3 @@
+from sectional_moe.studies.cli import main
+
+raise SystemExit(main())

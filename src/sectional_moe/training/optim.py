@@ -1,0 +1,92 @@
+"""AdamW and learning-rate schedules (warmup + cosine, warmup-stable-decay, constant).
+
+Plain PyTorch: the LightningModule and the benchmark's bare loop build the same optimiser here.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:  # torch is imported where an optimiser is built: validating a config needs only SCHEDULES
+    import torch
+    from torch import nn
+
+SCHEDULES = ("cosine", "wsd", "constant")
+
+
+def lr_multiplier(step: int, *, schedule: str, warmup_steps: int, max_steps: int, min_lr_ratio: float, decay_frac: float = 0.2) -> float:
+    """Learning-rate multiplier at optimiser step ``step`` (0-based).
+
+    * ``cosine``: linear warmup, then cosine from 1 to ``min_lr_ratio`` at ``max_steps``;
+    * ``wsd``: linear warmup, constant, then a linear cooldown to ``min_lr_ratio`` over the last
+      ``decay_frac`` of training (Hägele et al. 2024; used by Zhao et al. 2025 and Wan et al. 2026);
+    * ``constant``: linear warmup, then 1.
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    if schedule == "wsd":
+        decay_start = max(warmup_steps, int(max_steps * (1 - decay_frac)))
+        if step < decay_start:
+            return 1.0
+        progress = min(1.0, (step - decay_start) / max(1, max_steps - decay_start))
+        return 1.0 - (1 - min_lr_ratio) * progress
+    raise ValueError(f"unknown schedule {schedule!r}; use one of {SCHEDULES}")
+
+
+# prefixes wrappers add to parameter names: FSDP, activation checkpointing, torch.compile
+_WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def _plain_name(name: str) -> str:
+    for segment in _WRAPPER_SEGMENTS:
+        name = name.replace(segment, "")
+    return name
+
+
+def decayed_names(model: "nn.Module") -> set[str]:
+    """Names of the parameters that get weight decay: matrices (2-D and stacked 3-D expert
+    weights), never norms, which are vectors or (E, 1, S) per-section scales.
+
+    Decided on the unwrapped model: FSDP flattens every parameter to a 1-D shard, after which the
+    shapes no longer tell a matrix from a norm.
+    """
+    out = set()
+    for name, p in model.named_parameters():
+        is_norm = p.dim() < 2 or "norm" in name.rsplit(".", 1)[-1] or (p.dim() == 3 and p.shape[1] == 1)
+        if not is_norm:
+            out.add(_plain_name(name))
+    return out
+
+
+def param_groups(model: "nn.Module", weight_decay: float, decay_names: set[str] | None = None) -> list[dict[str, Any]]:
+    """A decay and a no-decay group. ``decay_names`` (from :func:`decayed_names` on the model
+    before any sharding wrapper) decides by name; without it the model's current shapes decide."""
+    names = decayed_names(model) if decay_names is None else decay_names
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if _plain_name(name) in names else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: "nn.Module", cfg: Mapping[str, Any], device_type: str,
+                    decay_names: set[str] | None = None) -> "torch.optim.Optimizer":
+    """AdamW with the fused kernel on CUDA and CPU (on CPU it is ~5x faster than foreach for a 28M
+    model: the elementwise update was ~8 % of a step), foreach elsewhere."""
+    import torch
+
+    kwargs: dict[str, Any] = dict(lr=cfg["lr"], betas=tuple(cfg["betas"]), eps=cfg["eps"])
+    fused = cfg.get("fused", "auto")
+    if fused == "auto":
+        fused = device_type in ("cuda", "cpu")
+    if fused:
+        kwargs["fused"] = True
+    else:
+        kwargs["foreach"] = True
+    return torch.optim.AdamW(param_groups(model, cfg["weight_decay"], decay_names), **kwargs)

@@ -1,0 +1,145 @@
+"""The benchmark as a smoke test: runs ``--quick`` in-process at nano shapes and checks the output
+schema and that every derived figure and ratio is computed from the measured numbers.
+
+No timing assertions (the CPU is shared; speed claims live in docs/bench/ only).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+import torch
+
+from sectional_moe.bench import cases, cli, probes, runners
+from sectional_moe.bench import report as bench_report
+from sectional_moe.models.flops import flops_breakdown
+from tests.models.cases import FAMILY_ROUTING
+
+ROW_KEYS = {
+    "case", "label", "preset", "family", "routing", "experts", "mode", "batch_size", "seq_len", "tokens_per_step",
+    "flops_per_token", "step_times_s", "step_time_s", "tokens_per_s", "model_flops_per_s", "gemm_peak_flops_per_s",
+    "frac_of_gemm_peak", "static_mem_mib", "step_mem_mib", "peak_mem_mib", "tokens_per_s_vs_dense",
+    "model_flops_vs_dense", "peak_mem_vs_dense", "callback_hook_s_per_step",
+}
+OVERHEAD_KEYS = {"case", "bare_tokens_per_s", "lightning_nocb_tokens_per_s", "lightning_tokens_per_s", "lightning_vs_bare",
+                 "lightning_nocb_vs_bare", "callbacks_step_time_delta", "callback_hook_s_per_step", "callback_hook_frac_of_step"}
+
+
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    threads = torch.get_num_threads()
+    argv = ["--quick", "--threads", "1", "--out", str(out), "--configs", "dense", "moe-topk", "sectional-segment_fixed",
+            "--overhead", "dense", "sectional-segment_fixed-E4"]
+    try:
+        report = cli.main(argv)
+    finally:
+        torch.set_num_threads(threads)  # the benchmark sets the process-wide thread count
+    return report, out
+
+
+def test_quick_bench_writes_json_and_markdown_with_metadata(quick_report, capsys):
+    report, out = quick_report
+    on_disk = json.loads((out / "bench.json").read_text())
+    assert on_disk == json.loads(json.dumps(report))
+    meta = report["meta"]
+    assert report["schema_version"] == bench_report.SCHEMA_VERSION
+    for key in ("date", "command", "git_commit", "torch", "lightning", "device", "precision", "settings"):
+        assert key in meta
+    assert meta["machine"]["cpu_model"] and meta["machine"]["cpu_cores"] >= 1
+    assert meta["command"].startswith("python -m sectional_moe.bench --quick")
+    md = (out / "bench.md").read_text()
+    assert md == bench_report.to_markdown(report)
+    for needle in ("| size | config | E | step ms |", "## Framework overhead", "## Targets", meta["torch"], meta["date"]):
+        assert needle in md
+    assert "nano | sectional-segment_fixed-E4 |" in md
+
+
+def test_quick_bench_rows_cover_every_case_and_mode(quick_report):
+    report, _ = quick_report
+    rows = report["results"]
+    for row in rows:
+        assert ROW_KEYS <= row.keys()
+    main = {r["label"] for r in rows if r["mode"] == "lightning"}
+    assert main == {"dense", "moe-topk-E4", "sectional-segment_fixed-E4"}
+    modes = {(r["label"], r["mode"]) for r in rows}
+    for label in ("dense", "sectional-segment_fixed-E4"):
+        assert {(label, m) for m in runners.MODES} <= modes
+    assert {o["label"] for o in report["overhead"]} == {"dense", "sectional-segment_fixed-E4"}
+    for o in report["overhead"]:
+        assert OVERHEAD_KEYS <= o.keys()
+
+
+def test_every_figure_and_ratio_is_derived_from_the_measured_step_times(quick_report):
+    report, _ = quick_report
+    rows = report["results"]
+    by = {(r["label"], r["mode"]): r for r in rows}
+    for r in rows:
+        assert r["n_timed_steps"] == len(r["step_times_s"]) > 0 and all(t > 0 for t in r["step_times_s"])
+        # per-round medians of the pooled steps (equal-length rounds), the best of them is the figure
+        per_round = len(r["step_times_s"]) // len(r["round_median_step_times_s"])
+        chunks = [r["step_times_s"][i:i + per_round] for i in range(0, len(r["step_times_s"]), per_round)]
+        assert r["round_median_step_times_s"] == pytest.approx([statistics.median(c) for c in chunks])
+        assert r["step_statistic"] == "best_round"
+        assert r["step_time_s"] == pytest.approx(min(r["round_median_step_times_s"]))
+        assert r["step_time_median_all_s"] == pytest.approx(statistics.median(r["step_times_s"]))
+        assert r["tokens_per_s"] == pytest.approx(r["tokens_per_step"] / r["step_time_s"])
+        assert r["model_flops_per_s"] == pytest.approx(r["tokens_per_s"] * r["flops_per_token"])
+        assert r["gemm_peak_flops_per_s"] > 0
+        assert r["frac_of_gemm_peak"] == pytest.approx(r["model_flops_per_s"] / r["gemm_peak_flops_per_s"])
+        assert r["static_mem_mib"] > 0
+        if r["step_mem_mib"] is not None:
+            assert r["peak_mem_mib"] == pytest.approx(r["static_mem_mib"] + r["step_mem_mib"])
+        dense = by[("dense", r["mode"])]
+        assert r["tokens_per_s_vs_dense"] == pytest.approx(r["tokens_per_s"] / dense["tokens_per_s"])
+        assert r["model_flops_vs_dense"] == pytest.approx(r["model_flops_per_s"] / dense["model_flops_per_s"])
+        assert (r["callback_hook_s_per_step"] is not None) == (r["mode"] == "lightning")
+    assert by[("dense", "lightning")]["tokens_per_s_vs_dense"] == pytest.approx(1.0)
+    for o in report["overhead"]:
+        lit, nocb, bare = (by[(o["label"], m)] for m in runners.MODES)
+        assert o["lightning_vs_bare"] == pytest.approx(lit["tokens_per_s"] / bare["tokens_per_s"])
+        assert o["lightning_nocb_vs_bare"] == pytest.approx(nocb["tokens_per_s"] / bare["tokens_per_s"])
+        assert o["callbacks_step_time_delta"] == pytest.approx(lit["step_time_s"] / nocb["step_time_s"] - 1)
+        assert o["callback_hook_frac_of_step"] == pytest.approx(lit["callback_hook_s_per_step"] / lit["step_time_s"])
+    values = {t["target"]: t for t in report["targets"]}
+    seg = values["nano/sectional-segment_fixed-E4: model FLOP/s vs dense"]
+    assert seg["value"] == pytest.approx(by[("sectional-segment_fixed-E4", "lightning")]["model_flops_vs_dense"])
+    assert seg["met"] == (seg["value"] >= 0.90)
+
+
+@pytest.mark.parametrize("family,routing", FAMILY_ROUTING)
+def test_gemm_shapes_carry_exactly_the_analytic_projection_flops(family, routing):
+    """The GEMM probe times the model's own projections: their FLOPs per token equal the analytic
+    forward FLOPs minus attention scores (balanced routing)."""
+    spec = cases.make_spec("nano", family, routing, None if family == "dense" else 4, vocab_size=512)
+    batch = 4
+    tokens = batch * spec.seq_len
+    probe_flops = sum(2.0 * g * m * k * n for g, m, k, n in probes.gemm_shapes(spec, batch))
+    fwd = flops_breakdown(spec)
+    assert probe_flops / tokens == pytest.approx(fwd["total"] - fwd["attn_scores"])
+    train = sum(2.0 * g * m * k * n for g, m, k, n in probes.training_gemms(probes.gemm_shapes(spec, batch)))
+    assert train == pytest.approx(3 * probe_flops)
+
+
+def test_unknown_configuration_is_a_clear_error():
+    with pytest.raises(SystemExit, match="unknown configuration"):
+        cases.parse_combos(["moe-segment_fixed"])
+
+
+def test_shape_sweep_groups_ratios_by_shape_and_plots_cost_against_flops(tmp_path):
+    """--seq-len sweeps the shape; ratios to dense are taken within each shape; --plot draws the figure."""
+    threads = torch.get_num_threads()
+    try:
+        report = cli.main(["--quick", "--threads", "1", "--out", str(tmp_path), "--configs", "dense", "sectional-segment_fixed",
+                             "--seq-len", "32", "64", "--plot", "--overhead", "dense"])
+    finally:
+        torch.set_num_threads(threads)
+    rows = [r for r in report["results"] if r["mode"] == "lightning"]
+    assert {r["seq_len"] for r in rows} == {32, 64}
+    for seq in (32, 64):
+        dense = [r for r in rows if r["seq_len"] == seq and r["family"] == "dense"]
+        assert len(dense) == 1 and dense[0]["tokens_per_s_vs_dense"] == pytest.approx(1.0)
+    png = tmp_path / "scaling.png"
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,0 +1,186 @@
+"""The road-map studies in experiments/: every job of every study composes and validates at both
+scales, the cost estimate adds up, and the launch commands keep a study in one group."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from sectional_moe.studies import catalog, cli, runner
+from sectional_moe.errors import ConfigError
+from sectional_moe.cluster.sweeps import expand_sweep
+
+ALL = catalog.study_names()
+REQUIRED = {"e_sweep", "seq_reduction", "expert_attention", "slicemoe_check", "routing_law", "isoflop", "cost_vs_e"}
+
+
+def test_every_road_map_study_exists_with_its_description():
+    assert REQUIRED <= set(ALL)
+    for name in ALL:
+        s = catalog.load_study(name)
+        assert s.question.endswith("?") and s.hypothesis and s.read and s.metric
+        assert {"cpu", "gpu"} <= set(s.scales)
+
+
+@pytest.mark.parametrize("scale", ["cpu", "gpu"])
+@pytest.mark.parametrize("name", ALL)
+def test_every_job_composes_and_validates(name, scale):
+    # seeds change nothing a dry run checks, and the shared tuning stage has its own test: one
+    # replicate per configuration and the main stage keep this test fast
+    study = dataclasses.replace(catalog.load_study(name), seeds=1, tune=None)
+    ends_only = scale == "gpu"  # every cpu job runs here, so all are checked; gpu: each sweep's ends
+    rows = runner.dry_run(study, scale, peak_tflops=100.0, ends_only=ends_only)
+    assert len(rows) == len(study.jobs(scale, ends_only)) > 0 and {r["stage"] for r in rows} == {"main"}
+    for row in rows:
+        assert row["flops"] == pytest.approx(row["flops_per_token"] * row["tokens"])
+        assert row["hours"] == pytest.approx(row["flops"] / (100e12 * runner.ASSUMED_MFU[scale] * row["devices"]) / 3600)
+        assert row["params_total"] >= row["params_active"] > 0
+
+
+def test_e_sweep_covers_the_road_map_grid():
+    all_jobs = [set(j) for j in catalog.load_study("e_sweep").jobs("cpu")]
+    jobs = [j for j in all_jobs if "seed=0" in j]
+    assert len(all_jobs) == 3 * len(jobs)  # every point from seeds 0, 1 and 2
+    for e in (1, 2, 4, 8, 16):
+        for routing in ("segment_fixed", "topk", "hash"):
+            assert sum({"model=sectional", "model.sectional_every=2", f"experts={e}", f"routing={routing}"} <= j for j in jobs) == 1
+        # the paper read literally (every layer sectional) as a reference line
+        assert sum({"model=sectional", "model.sectional_every=1", f"experts={e}"} <= j for j in jobs) == 1
+    assert sum("model=dense" in j for j in jobs) == 1  # the baseline once, not once per E
+    assert sum("model=moe" in j for j in jobs) == 6
+
+
+@pytest.mark.parametrize("scale", ["cpu", "gpu"])
+def test_every_tuning_job_composes_validates_and_is_costed_as_its_own_stage(scale):
+    study = dataclasses.replace(catalog.load_study("pre_expert_variants"), seeds=1)  # the shared points and its own
+    rows = runner.dry_run(study, scale, peak_tflops=100.0, ends_only=True)
+    tune = [r for r in rows if r["stage"] == "tune"]
+    assert len(tune) == len(study.tune.points) * len(study.tune.values)
+    assert all(r["tokens"] < min(m["tokens"] for m in rows if m["stage"] == "main") for r in tune)  # the short budget
+    text = runner.format_dry_run(study, scale, rows)
+    assert "stage tune:" in text and "stage main:" in text and ("GPU-hours" in text) == (scale == "gpu")
+
+
+def test_slicemoe_check_is_parameter_matched():
+    study = dataclasses.replace(catalog.load_study("slicemoe_check"), seeds=1, tune=None)
+    rows = runner.dry_run(study, "cpu", peak_tflops=1.0)
+    by_e: dict[int, dict[str, int]] = {}
+    for r in rows:
+        if r["family"] != "dense":
+            by_e.setdefault(r["experts"], {})[r["family"]] = r["params_total"]
+    for e, p in by_e.items():
+        assert abs(p["sectional"] - p["moe"]) / p["moe"] < 0.15, (e, p)
+
+
+def test_commands_share_the_study_group_and_scale_overrides():
+    study = catalog.load_study("e_sweep")
+    cmds = runner.train_commands(study, "cpu", ["hydra/launcher=slurm"])
+    assert len(cmds) == len(study.sweep_lines("cpu")) == 4
+    for cmd in cmds:
+        assert cmd[2] == "-m" and "group=study-e_sweep-cpu" in cmd and "experiment=study_cpu" in cmd
+        assert cmd[-1] == "hydra/launcher=slurm"
+
+
+def test_unknown_study_or_scale_names_the_choices(capsys):
+    with pytest.raises(ConfigError, match="use one of.*e_sweep"):
+        catalog.load_study("nope")
+    with pytest.raises(ConfigError, match="no scale 'tpu'"):
+        catalog.load_study("e_sweep").jobs("tpu")
+    assert cli.main(["dry-run", "nope"]) == 2
+    assert "Error: study:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", sorted(REQUIRED))
+@pytest.mark.parametrize("parallel", [2, 3])
+def test_parallel_split_runs_exactly_the_same_jobs(name, parallel):
+    """Splitting sweep lines for concurrent runs neither drops nor repeats a job."""
+    study = catalog.load_study(name)
+
+    def job_set(cmds):
+        jobs = [frozenset(job) for cmd in cmds for job in expand_sweep(cmd[5:])]
+        assert len(jobs) == len(set(jobs))
+        return set(jobs)
+
+    assert job_set(runner.train_commands(study, "cpu", [], parallel)) == job_set(runner.train_commands(study, "cpu", []))
+
+
+def test_split_sweep_line_cuts_the_longest_plain_list():
+    parts = runner.split_sweep_line("model=sectional experts=1,2,4,8,16 routing=segment_fixed,topk", 2)
+    assert parts == ["model=sectional experts=1,4,16 routing=segment_fixed,topk", "model=sectional experts=2,8 routing=segment_fixed,topk"]
+    # interpolations and quoted values are never split; a line without a plain list stays whole
+    line = "model=moe \"model.expert_d_ff='${smoe.div:${size.d_ff},${experts}}'\""
+    assert runner.split_sweep_line(line, 2) == [line]
+    assert runner.split_sweep_line("model=dense", 4) == ["model=dense"]
+
+
+def test_parallel_defaults_to_every_core_on_cpu_and_one_on_gpu(monkeypatch):
+    monkeypatch.setattr(runner.os, "cpu_count", lambda: 2)
+    assert runner.resolve_parallel("auto", "cpu") == 2 and runner.resolve_parallel("auto", "gpu") == 1
+    assert runner.resolve_parallel("3", "gpu") == 3
+    assert runner.resolve_parallel("auto", "cpu", catalog.load_study("cost_vs_e")) == 1  # it measures step time
+    with pytest.raises(ConfigError):
+        runner.resolve_parallel(0, "cpu")
+
+
+def test_concurrent_sweeps_each_log_to_a_file_and_report_the_worst_exit_code(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.delenv("OMP_NUM_THREADS")  # unset: each concurrent sweep gets one thread
+
+    code = "import os, sys; print('threads', os.environ['OMP_NUM_THREADS']); sys.exit({})"
+    cmds = [[sys.executable, "-c", code.format(rc), "x", "y"] for rc in (0, 3, 0)]
+    assert runner._run_concurrently(cmds, 2, tmp_path / "logs") == 3
+    logs = sorted((tmp_path / "logs").glob("sweep-*.log"))
+    assert len(logs) == 3 and all(log.read_text().strip() == "threads 1" for log in logs)
+
+
+def test_seeds_and_the_tuned_value_go_into_every_sweep_line_that_does_not_set_them():
+    study = catalog.load_study("pre_expert_variants")
+    tuned = {"dense": "0.005", "sectional-full": "0.002", "sectional-cross": "0.01", "sectional": "0.0035"}
+    lines = study.sweep_lines("cpu", tuned)
+    assert all(line.split()[-2] == "seed=0,1,2" for line in lines)
+    by_reading = {next(t for t in line.split() if t.startswith(("model.pre_expert_resolution=", "model=dense"))): line.split()[-1]
+                  for line in lines}
+    assert by_reading == {"model.pre_expert_resolution=short": "optim.lr=0.0035", "model.pre_expert_resolution=full": "optim.lr=0.002",
+                          "model.pre_expert_resolution=cross": "optim.lr=0.01", "model=dense": "optim.lr=0.005"}
+    # a point never tuned leaves its lines at the config's value
+    assert all("optim.lr" not in line for line in study.sweep_lines("cpu", {}))
+
+
+def test_a_tuning_stage_runs_one_sweep_per_point_in_the_shared_group_and_picks_the_lowest_loss(tmp_path, monkeypatch):
+    from sectional_moe.runs.layout import RunDir
+
+    study = catalog.load_study("seq_reduction")
+    assert [p.name for p in study.tune.points] == ["dense", "moe", "sectional-E16", "sectional"]
+    commands = runner.train_commands(study, "cpu", [], stage="tune")
+    assert len(commands) == 4 and all(f"group={study.tune_group('cpu')}" in c for c in commands)
+    assert all("trainer.max_steps=500" in c and "optim.lr=0.002,0.0035,0.005,0.007,0.01" in c for c in commands)
+    # finished tuning jobs in the shared sweep directory: the value with the lowest best val loss wins
+    directory = tmp_path / runner.TASK_NAME / "multirun" / study.tune_group("cpu")
+    losses = {"0.002": 4.1, "0.0035": 3.9, "0.005": 3.8, "0.007": 3.85, "0.01": 4.4}
+    point = study.tune.points[0]
+    for job in expand_sweep(study.tune.line(point, "cpu").split()):
+        overrides = study.scale_overrides("cpu") + job
+        run = RunDir(directory / runner.sweep_table(directory, [overrides], [], 0)[0]["dir"].rsplit("/", 1)[-1])
+        lr = next(o.split("=", 1)[1] for o in job if o.startswith("optim.lr="))
+        run.mark_done({"val/loss_best": losses[lr]}, {})
+    results = runner.tuning_results(study, "cpu", log_dir=tmp_path)
+    assert results["points"]["dense"]["winner"] == "0.005"
+    assert results["points"]["dense"]["val_loss_best"] == losses
+    assert results["points"]["moe"]["winner"] is None and len(results["points"]["moe"]["missing"]) == 5
+    assert runner.winners(results) == {"dense": "0.005"}
+    json.dumps(results)  # written as tuning.json next to the report
+
+
+def test_a_bad_tuning_or_seed_setting_names_the_key(tmp_path, monkeypatch):
+    (tmp_path / "bad.yaml").write_text("question: q?\nhypothesis: h\nmetric: val/ppl\nread: r\nsweeps: [model=dense]\n"
+                                       "scales: {cpu: []}\nseeds: 0\n")
+    monkeypatch.setattr(catalog, "STUDIES_DIR", tmp_path)
+    with pytest.raises(ConfigError, match="seeds=0 must be a whole number >= 1"):
+        catalog.load_study("bad")
+    (tmp_path / "bad.yaml").write_text("question: q?\nhypothesis: h\nmetric: val/ppl\nread: r\nsweeps: [model=dense]\n"
+                                       "scales: {cpu: []}\ntune: nosuch\n")
+    with pytest.raises(ConfigError, match="no tuning stage 'nosuch'"):
+        catalog.load_study("bad")
