@@ -40,7 +40,7 @@ ALLOWED: dict[str, set[str]] = {
     "theory": {"models", "errors"},
     "report": {"runs", "tracking", "models", "theory", "errors", "files", "secrets"},
     "studies": {"cluster", "training", "models", "runs", "hardware", "resolvers", "errors", "files"},
-    "bench": {"training", "callbacks", "models", "hardware", "device", "files", "errors"},
+    "bench": {"training", "callbacks", "models", "runs", "hardware", "device", "files", "errors"},
     "launch": {"cluster"},
 }
 #: entry-point modules allowed one more part than their package (module -> parts)
@@ -53,7 +53,8 @@ TORCH_FREE = (
     "sectional_moe.resolvers", "sectional_moe.runs.layout", "sectional_moe.runs.identity", "sectional_moe.runs.status",
     "sectional_moe.tracking.wandb_ids", "sectional_moe.models", "sectional_moe.models.spec", "sectional_moe.models.flops",
     "sectional_moe.cluster.sweeps", "sectional_moe.cluster.launcher", "sectional_moe.cluster.sbatch",
-    "sectional_moe.training.overrides", "sectional_moe.training.validate", "sectional_moe.training.optim",
+    "sectional_moe.training.overrides", "sectional_moe.training.validate", "sectional_moe.training.startup",
+    "sectional_moe.training.memory", "sectional_moe.runs.lock", "sectional_moe.training.optim",
     "sectional_moe.studies.catalog", "sectional_moe.theory", "sectional_moe.report.table",
     "hydra_plugins.sectional_moe_launcher",
 )

@@ -18,7 +18,8 @@ from sectional_moe.models.flops import flops_breakdown
 from tests.models.cases import FAMILY_ROUTING
 
 ROW_KEYS = {
-    "case", "label", "preset", "family", "routing", "experts", "mode", "batch_size", "seq_len", "tokens_per_step",
+    "case", "label", "preset", "family", "routing", "experts", "mode", "setup", "precision", "compile", "batch_size",
+    "seq_len", "tokens_per_step", "tokens_per_s_vs_fp32_eager",
     "flops_per_token", "step_times_s", "step_time_s", "tokens_per_s", "model_flops_per_s", "gemm_peak_flops_per_s",
     "frac_of_gemm_peak", "static_mem_mib", "step_mem_mib", "peak_mem_mib", "tokens_per_s_vs_dense",
     "model_flops_vs_dense", "peak_mem_vs_dense", "callback_hook_s_per_step",
@@ -32,7 +33,7 @@ def quick_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     threads = torch.get_num_threads()
     argv = ["--quick", "--threads", "1", "--out", str(out), "--configs", "dense", "moe-topk", "sectional-segment_fixed",
-            "--overhead", "dense", "sectional-segment_fixed-E4"]
+            "--overhead", "dense", "sectional-segment_fixed-E4", "--overhead-rounds", "2", "--overhead-steps", "1"]
     try:
         report = cli.main(argv)
     finally:
@@ -52,9 +53,11 @@ def test_quick_bench_writes_json_and_markdown_with_metadata(quick_report, capsys
     assert meta["command"].startswith("python -m sectional_moe.bench --quick")
     md = (out / "bench.md").read_text()
     assert md == bench_report.to_markdown(report)
-    for needle in ("| size | config | E | step ms |", "## Framework overhead", "## Targets", meta["torch"], meta["date"]):
+    for needle in ("| size | config | E | step ms |", "## Framework overhead", "## Targets", meta["torch"], meta["date"],
+                   "## Precision and compile, side by side", "## The studies' own job shape", "GPT-2-style"):
         assert needle in md
     assert "nano | sectional-segment_fixed-E4 |" in md
+    assert meta["main_setup"] == "fp32" and meta["setups"] == ["fp32", "bf16"]
 
 
 def test_quick_bench_rows_cover_every_case_and_mode(quick_report):
@@ -62,11 +65,16 @@ def test_quick_bench_rows_cover_every_case_and_mode(quick_report):
     rows = report["results"]
     for row in rows:
         assert ROW_KEYS <= row.keys()
-    main = {r["label"] for r in rows if r["mode"] == "lightning"}
+    main = {r["label"] for r in rows if r["mode"] == "lightning" and r["group"] == "nano"}
     assert main == {"dense", "moe-topk-E4", "sectional-segment_fixed-E4"}
-    modes = {(r["label"], r["mode"]) for r in rows}
+    modes = {(r["label"], r["mode"]) for r in rows if r["group"] == "nano"}
     for label in ("dense", "sectional-segment_fixed-E4"):
         assert {(label, m) for m in runners.MODES} <= modes
+    # every family side by side in both setups, at the preset and at the studies' job shape
+    setups = {(r["group"], r["label"], r["setup"]) for r in rows if r["mode"] == "lightning"}
+    for group, labels in (("nano", main), ("study_cpu", {"dense", "moe-topk-E8", "sectional-segment_fixed-E4"})):
+        assert {(group, label, s) for label in labels for s in ("fp32", "bf16")} <= setups
+    assert {r["setup"] for r in report["reference"]} == {"fp32", "bf16"}
     assert {o["label"] for o in report["overhead"]} == {"dense", "sectional-segment_fixed-E4"}
     for o in report["overhead"]:
         assert OVERHEAD_KEYS <= o.keys()
@@ -75,7 +83,7 @@ def test_quick_bench_rows_cover_every_case_and_mode(quick_report):
 def test_every_figure_and_ratio_is_derived_from_the_measured_step_times(quick_report):
     report, _ = quick_report
     rows = report["results"]
-    by = {(r["label"], r["mode"]): r for r in rows}
+    by = {(r["group"], r["label"], r["mode"], r["setup"]): r for r in rows}
     for r in rows:
         assert r["n_timed_steps"] == len(r["step_times_s"]) > 0 and all(t > 0 for t in r["step_times_s"])
         # per-round medians of the pooled steps (equal-length rounds), the best of them is the figure
@@ -92,20 +100,34 @@ def test_every_figure_and_ratio_is_derived_from_the_measured_step_times(quick_re
         assert r["static_mem_mib"] > 0
         if r["step_mem_mib"] is not None:
             assert r["peak_mem_mib"] == pytest.approx(r["static_mem_mib"] + r["step_mem_mib"])
-        dense = by[("dense", r["mode"])]
+        if r["mode"] == "reference":
+            continue
+        dense = by[(r["group"], "dense", r["mode"], r["setup"])]
         assert r["tokens_per_s_vs_dense"] == pytest.approx(r["tokens_per_s"] / dense["tokens_per_s"])
         assert r["model_flops_vs_dense"] == pytest.approx(r["model_flops_per_s"] / dense["model_flops_per_s"])
         assert (r["callback_hook_s_per_step"] is not None) == (r["mode"] == "lightning")
-    assert by[("dense", "lightning")]["tokens_per_s_vs_dense"] == pytest.approx(1.0)
+        fp32 = by[(r["group"], r["label"], r["mode"], "fp32")]
+        assert r["tokens_per_s_vs_fp32_eager"] == pytest.approx(r["tokens_per_s"] / fp32["tokens_per_s"])
+    assert by[("nano", "dense", "lightning", "fp32")]["tokens_per_s_vs_dense"] == pytest.approx(1.0)
+    for ref in report["reference"]:
+        ours, theirs = (by[("reference", "dense", m, ref["setup"])] for m in ("bare", "reference"))
+        assert ref["ours_vs_reference"] == pytest.approx(ours["tokens_per_s"] / theirs["tokens_per_s"])
     for o in report["overhead"]:
-        lit, nocb, bare = (by[(o["label"], m)] for m in runners.MODES)
+        lit, nocb, bare = (by[("nano", o["label"], m, "fp32")] for m in runners.MODES)
         assert o["lightning_vs_bare"] == pytest.approx(lit["tokens_per_s"] / bare["tokens_per_s"])
         assert o["lightning_nocb_vs_bare"] == pytest.approx(nocb["tokens_per_s"] / bare["tokens_per_s"])
         assert o["callbacks_step_time_delta"] == pytest.approx(lit["step_time_s"] / nocb["step_time_s"] - 1)
         assert o["callback_hook_frac_of_step"] == pytest.approx(lit["callback_hook_s_per_step"] / lit["step_time_s"])
+        # the paired rounds: per-round ratio of the back-to-back runs, mean with a t interval around it
+        cb, nocb_p = (by[("nano", o["label"], m, "fp32")] for m in ("overhead_cb", "overhead_nocb"))
+        deltas = [a / b - 1 for a, b in zip(cb["round_median_step_times_s"], nocb_p["round_median_step_times_s"])]
+        assert o["paired_rounds"] == 2 and o["paired_deltas"] == pytest.approx(deltas)
+        assert o["callbacks_delta_paired"] == pytest.approx(statistics.fmean(deltas))
+        lo, hi = o["callbacks_delta_ci95"]
+        assert lo <= o["callbacks_delta_paired"] <= hi and (hi - lo) / 2 == pytest.approx(o["callbacks_delta_ci95_halfwidth"])
     values = {t["target"]: t for t in report["targets"]}
     seg = values["nano/sectional-segment_fixed-E4: model FLOP/s vs dense"]
-    assert seg["value"] == pytest.approx(by[("sectional-segment_fixed-E4", "lightning")]["model_flops_vs_dense"])
+    assert seg["value"] == pytest.approx(by[("nano", "sectional-segment_fixed-E4", "lightning", "fp32")]["model_flops_vs_dense"])
     assert seg["met"] == (seg["value"] >= 0.90)
 
 
@@ -133,7 +155,7 @@ def test_shape_sweep_groups_ratios_by_shape_and_plots_cost_against_flops(tmp_pat
     threads = torch.get_num_threads()
     try:
         report = cli.main(["--quick", "--threads", "1", "--out", str(tmp_path), "--configs", "dense", "sectional-segment_fixed",
-                             "--seq-len", "32", "64", "--plot", "--overhead", "dense"])
+                             "--seq-len", "32", "64", "--plot", "--overhead", "dense", "--no-study", "--no-reference"])
     finally:
         torch.set_num_threads(threads)
     rows = [r for r in report["results"] if r["mode"] == "lightning"]

@@ -78,3 +78,22 @@ def test_a_sweep_override_on_the_command_line_joins_the_search_space(tmp_path):
     sweeper, launcher = _sweeper(tmp_path, n_trials=3, sampler="random")
     sweeper.sweep(["optim.warmup_steps=choice(0.05, 0.1)"])
     assert all(any(o.startswith("optim.warmup_steps=") for o in job) for job in launcher.jobs)
+
+
+@pytest.mark.slow
+def test_hparams_search_runs_through_hydra_and_every_trial_lands_in_one_sweep(tmp_path):
+    """The real thing: `train.py -m hparams_search=lr_optuna` finds our sweeper plugin, each trial is
+    a run directory of the sweep (one group), the summary lists them, the study is resumable."""
+    from tests.conftest import run_train_cli
+
+    args = ["-m", "hparams_search=lr_optuna", "hydra.sweeper.n_trials=2", "size=nano", "data.vocab_size=512",
+            "trainer.max_steps=6", "trainer.val_check_interval=3", "trainer.limit_val_batches=2", "trainer.limit_test_batches=2",
+            "logger=csv", "model=dense", "trainer.enable_progress_bar=false", f"paths.log_dir={tmp_path}"]
+    proc = run_train_cli(*args, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (sweep,) = (tmp_path / "train" / "multirun").iterdir()
+    results = yaml.safe_load((sweep / RESULTS_FILE).read_text())
+    assert [t["state"] for t in results["trials"]] == ["COMPLETE", "COMPLETE"] and "best_params" in results
+    runs = [d for d in sweep.iterdir() if (d / "DONE").is_file()]
+    assert len(runs) == 2 and proc.stdout.count("  done") == 2
+    assert (tmp_path / "train" / "optuna.db").is_file()  # hparams_search=lr_optuna keeps its study in SQLite

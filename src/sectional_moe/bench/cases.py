@@ -1,4 +1,5 @@
-"""What the benchmark measures: model configurations (a size preset, a family/routing, E), composed as train.py composes them.
+"""What the benchmark measures: model configurations (a size preset, a family/routing, E), composed as
+train.py composes them, and the *setups* each is trained in (precision, eager or compiled).
 
 Imports: omegaconf, :mod:`sectional_moe.models.spec`, :mod:`sectional_moe.files` (torch-free).
 """
@@ -21,6 +22,46 @@ FAMILY_ROUTINGS: tuple[tuple[str, str | None], ...] = (
 )
 # per-preset batch size (sequences per step) unless --batch-size is given
 DEFAULT_BATCH = {"nano": 2, "tiny": 8, "small": 4, "base": 8, "medium": 8, "large": 4}
+# training setups: precision (Lightning string) and torch.compile; "+compile" may follow either precision
+SETUP_PRECISIONS = {"fp32": "32-true", "bf16": "bf16-mixed"}
+# the issue-17 reference shape: our dense model against a GPT-2-style model of equal FLOPs
+REFERENCE_SHAPE = {"preset": "small", "n_layers": 4, "batch": 8, "vocab_size": 8192}
+# the studies' own job shape (conf/experiment/<name>.yaml) and its study points, one per family
+STUDY_EXPERIMENT = "study_cpu"
+STUDY_POINTS: tuple[tuple[str, str | None, int | None], ...] = (
+    ("dense", None, None), ("moe", "topk", 8), ("sectional", "segment_fixed", 4),
+)
+
+
+@dataclass(frozen=True)
+class Setup:
+    """How a case is trained: ``fp32`` | ``bf16``, optionally ``+compile`` (Inductor)."""
+
+    name: str
+
+    @property
+    def precision(self) -> str:
+        return SETUP_PRECISIONS[self.name.split("+")[0]]
+
+    @property
+    def compile(self) -> bool:
+        return self.name.endswith("+compile")
+
+    @property
+    def dtype_name(self) -> str:
+        """The matmul dtype of the setup: what its GEMM probe times."""
+        return self.name.split("+")[0]
+
+
+def parse_setups(items: Sequence[str]) -> list[Setup]:
+    """``fp32 bf16 bf16+compile`` -> setups, validated (one line on a bad name)."""
+    known = [p + c for p in SETUP_PRECISIONS for c in ("", "+compile")]
+    out = []
+    for item in items:
+        if item not in known:
+            raise SystemExit(f"error: unknown setup {item!r}; use any of {known}")
+        out.append(Setup(item))
+    return out
 
 
 @dataclass(frozen=True)
@@ -33,10 +74,14 @@ class Case:
     experts: int | None
     spec: ModelSpec = field(compare=False, hash=False)
     size_overrides: tuple[tuple[str, int], ...] = ()  # scaling sweeps: (("seq_len", 512), ...)
+    batch: int | None = None  # sequences per step when the case fixes it (study and reference shapes)
+    tag: str | None = None  # a named shape ("study_cpu", "reference") instead of preset + overrides
 
     @property
     def group(self) -> str:
-        """Preset plus any swept size keys: the unit inside which ratios to dense are taken."""
+        """Preset plus any swept size keys (or the shape's tag): the unit inside which ratios to dense are taken."""
+        if self.tag:
+            return self.tag
         if not self.size_overrides:
             return self.preset
         return self.preset + "@" + ",".join(f"{k}={v}" for k, v in self.size_overrides)
@@ -102,6 +147,32 @@ def build_cases(presets: Sequence[str], experts: Sequence[int], combos: Sequence
                             continue
                         cases.append(Case(preset, family, routing, e, spec, over))
     return cases
+
+
+def experiment_shape(name: str = STUDY_EXPERIMENT) -> tuple[str, int, int]:
+    """(size preset, vocabulary, batch size) of ``conf/experiment/<name>.yaml``: the shape its jobs train at."""
+    cfg = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "experiment" / f"{name}.yaml"), resolve=True)
+    assert isinstance(cfg, dict)
+    preset = "tiny"
+    for entry in cfg.get("defaults") or []:
+        if isinstance(entry, dict):
+            preset = entry.get("override /size", preset)
+    data = cfg.get("data") or {}
+    return str(preset), int(data["vocab_size"]), int(data["batch_size"])
+
+
+def study_cases(name: str = STUDY_EXPERIMENT) -> list[Case]:
+    """One study point per family at the studies' job shape (e_sweep's seed-noise points)."""
+    preset, vocab, batch = experiment_shape(name)
+    return [Case(preset, f, r, e, make_spec(preset, f, r, e, vocab), batch=batch, tag=name) for f, r, e in STUDY_POINTS]
+
+
+def reference_case(quick: bool = False) -> Case:
+    """Our dense model at :data:`REFERENCE_SHAPE` (its bare loop is held against the GPT-2-style
+    reference); ``quick``: the nano preset, a smoke test of the same path."""
+    shape = {"preset": "nano", "n_layers": 2, "batch": 2, "vocab_size": 512} if quick else REFERENCE_SHAPE
+    spec = make_spec(shape["preset"], "dense", None, None, shape["vocab_size"], {"n_layers": shape["n_layers"]})
+    return Case(shape["preset"], "dense", None, None, spec, batch=shape["batch"], tag="reference")
 
 
 def parse_combos(items: Sequence[str]) -> list[tuple[str, str | None]]:

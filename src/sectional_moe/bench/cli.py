@@ -14,19 +14,55 @@ import statistics
 import sys
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
-from sectional_moe.bench.cases import DEFAULT_BATCH, FAMILY_ROUTINGS, build_cases, parse_combos
+from sectional_moe.bench.cases import (DEFAULT_BATCH, FAMILY_ROUTINGS, Case, Setup, build_cases, parse_combos,
+                                       parse_setups, reference_case, study_cases)
 from sectional_moe.bench.probes import GemmProbe, gemm_shapes, training_gemms
 from sectional_moe.bench.report import assemble_report, plot_scaling, to_markdown, write_outputs
 from sectional_moe.bench.runners import BenchSettings, Runner, run_bare, run_lightning
-from sectional_moe.device import pick_device
+from sectional_moe.device import choose_precision, pick_device
 from sectional_moe.files import REPO_ROOT
 from sectional_moe.hardware import measure_matmul_flops
 
+
+
+def build_runners(settings: BenchSettings) -> tuple[list[Case], list[Runner], list[Runner]]:
+    """Every case and (case, mode, setup) runner of a benchmark: the main rounds' runners and the
+    overhead-only runners (callbacks on vs off, paired, in their own rounds)."""
+    main_setup = settings.main_setup
+    cases = build_cases(settings.presets, settings.experts, settings.combos, settings.vocab_size,
+                        settings.seq_lens, settings.d_models)
+    runners: list[Runner] = []
+    for case in cases:
+        b = settings.batch_of(case)
+        runners.append(Runner(case, "lightning", b, main_setup))
+        if case.label in settings.overhead:
+            runners.extend([Runner(case, "lightning_nocb", b, main_setup), Runner(case, "bare", b, main_setup)])
+        # side by side: every family at one E (and dense) in every setup
+        if not settings.seq_lens and not settings.d_models and (case.family == "dense" or case.experts == settings.side_experts):
+            runners.extend(Runner(case, "lightning", b, s) for s in settings.setups if s != main_setup)
+    extra: list[Case] = []
+    if settings.study:
+        extra += study_cases()
+        for case in extra:
+            runners.extend(Runner(case, "lightning", settings.batch_of(case), s) for s in (settings.setups or [main_setup]))
+    if settings.reference:
+        ref = reference_case(settings.quick)
+        extra.append(ref)
+        for s in [Setup("fp32"), Setup("bf16")]:
+            runners.extend([Runner(ref, "bare", ref.batch or 8, s), Runner(ref, "reference", ref.batch or 8, s)])
+    overhead: list[Runner] = []
+    if settings.overhead_rounds:
+        for case in cases:
+            if case.label in settings.overhead:
+                b = settings.batch_of(case)
+                overhead += [Runner(case, "overhead_cb", b, main_setup), Runner(case, "overhead_nocb", b, main_setup)]
+    return cases + extra, runners, overhead
 
 
 def run_benchmark(settings: BenchSettings, progress: Callable[[str], None] | None = print) -> dict[str, Any]:
@@ -45,50 +81,42 @@ def run_benchmark(settings: BenchSettings, progress: Callable[[str], None] | Non
 
     started = _dt.datetime.now(_dt.timezone.utc)
     load_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    cases = build_cases(settings.presets, settings.experts, settings.combos, settings.vocab_size,
-                        settings.seq_lens, settings.d_models)
-    runners: list[Runner] = []
-    for case in cases:
-        b = settings.batch_for(case.preset)
-        runners.append(Runner(case, "lightning", b))
-        if case.label in settings.overhead:
-            runners.extend([Runner(case, "lightning_nocb", b), Runner(case, "bare", b)])
-    mm_dtype = torch.bfloat16 if settings.precision.startswith("bf16") else torch.float32
-    probes = {c.name: GemmProbe(training_gemms(gemm_shapes(c.spec, settings.batch_for(c.preset))), device, mm_dtype)
-              for c in cases}
+    cases, runners, overhead = build_runners(settings)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    probes = {(r.case.name, r.setup.dtype_name): GemmProbe(training_gemms(gemm_shapes(r.case.spec, r.batch)), device,
+                                                           dtypes[r.setup.dtype_name]) for r in runners}
     generic_probe = measure_matmul_flops("fp32") if device.type == "cpu" else None
 
     for rnd in range(settings.rounds):
         shift = rnd % max(1, len(runners))
         order = runners[shift:] + runners[:shift]  # rotate: no configuration always runs first/last
         t_round = time.perf_counter()
+        probed: set[tuple[str, str]] = set()
         for runner in order:
-            kw = dict(batch=runner.batch, warmup=settings.warmup, steps=settings.steps, device=device,
-                      precision=settings.precision, compile_model=settings.compile, measure_memory=True)
-            if runner.mode == "bare":
-                res = run_bare(runner.case, **kw)
-            else:
-                res = run_lightning(runner.case, **kw, callbacks_on=runner.mode == "lightning", log_every=settings.log_every)
-            runner.times.extend(res.step_times)
-            if res.step_times:
-                runner.round_medians.append(statistics.median(res.step_times))
-            runner.hooks.extend(res.hook_times)
-            if res.step_mem is not None:
-                runner.step_mem.append(res.step_mem)
-            runner.static_mem = res.static_mem
-            if runner.mode == "lightning":  # the GEMM probe runs interleaved too, once per case per round
-                probes[runner.case.name].run(settings.probe_reps)
+            runner.run_round(settings, device)
+            key = (runner.case.name, runner.setup.dtype_name)
+            if runner.mode in ("lightning", "bare") and key not in probed:  # the GEMM probe runs interleaved too
+                probes[key].run(settings.probe_reps)
+                probed.add(key)
         log(f"round {rnd + 1}/{settings.rounds}: {len(order)} runs in {time.perf_counter() - t_round:.1f}s")
+    for runner in runners:
+        runner.state = None  # compiled modules are no longer needed: free their memory
+    # callbacks on vs off: paired runs of each overhead case, adjacent in every round, first one alternating
+    for rnd in range(settings.overhead_rounds):
+        t_round = time.perf_counter()
+        for i in range(0, len(overhead), 2):
+            pair = overhead[i:i + 2] if rnd % 2 == 0 else overhead[i:i + 2][::-1]
+            for runner in pair:
+                runner.run_round(replace(settings, steps=settings.overhead_steps), device)
+        log(f"overhead round {rnd + 1}/{settings.overhead_rounds}: {len(overhead)} runs in {time.perf_counter() - t_round:.1f}s")
 
-    report = assemble_report(settings, device, cases, runners, probes, generic_probe, started)
+    report = assemble_report(settings, device, cases, runners + overhead, probes, generic_probe, started)
     report["meta"]["machine"]["load_avg_start"] = load_start
     if settings.out is not None:
         write_outputs(report, settings.out)
         if settings.plot:
             plot_scaling(report, settings.out / "scaling.png")
     return report
-
-
 
 
 def settings_from_args(argv: Sequence[str] | None = None) -> BenchSettings:
@@ -116,8 +144,19 @@ def settings_from_args(argv: Sequence[str] | None = None) -> BenchSettings:
     p.add_argument("--steps", type=int, default=None, help="timed steps per run per round (default 4)")
     p.add_argument("--vocab-size", type=int, default=None, help="vocabulary (default 8192, the data default)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--precision", default="auto", help="auto (bf16-mixed on CUDA, 32-true on CPU) or a Lightning precision")
-    p.add_argument("--compile", default="auto", choices=("auto", "true", "false"), help="torch.compile the model (auto: on CUDA)")
+    p.add_argument("--precision", default="auto", choices=("auto", "32-true", "bf16-mixed"),
+                   help="the main setup's precision (E sweep, overhead cases); auto = what trainer.precision=auto picks here")
+    p.add_argument("--compile", default="auto", choices=("auto", "true", "false"),
+                   help="compile the main setup (auto: on CUDA, off on CPU, where the side-by-side setups show compiled speed)")
+    p.add_argument("--setups", nargs="+", default=None,
+                   help="setups trained side by side per family (at --side-experts) and at the studies' job shape: "
+                        "fp32 bf16 fp32+compile bf16+compile (default on CPU: all four; CUDA: bf16 bf16+compile; --quick: fp32 bf16)")
+    p.add_argument("--side-experts", type=int, default=None, help="E of the side-by-side table (default 8; --quick 4)")
+    p.add_argument("--no-study", action="store_true", help="skip the studies' job shape (conf/experiment/study_cpu.yaml)")
+    p.add_argument("--no-reference", action="store_true", help="skip our dense model vs the GPT-2-style reference (bare loops)")
+    p.add_argument("--overhead-rounds", type=int, default=None,
+                   help="extra paired rounds of the overhead cases, callbacks on vs off (default 12; --quick 0)")
+    p.add_argument("--overhead-steps", type=int, default=8, help="timed steps per overhead round")
     p.add_argument("--log-every", type=int, default=None,
                    help="trainer.log_every_n_steps (default: warmup+steps, i.e. one logging step per run: "
                         "a pessimistic cadence for the callbacks' cost)")
@@ -139,8 +178,10 @@ def settings_from_args(argv: Sequence[str] | None = None) -> BenchSettings:
     warmup = a.warmup if a.warmup is not None else 1
     steps = a.steps or (1 if quick else 4)
     device = pick_device(a.device)
-    precision = a.precision if a.precision != "auto" else ("bf16-mixed" if device.type == "cuda" else "32-true")
+    precision = a.precision if a.precision != "auto" else choose_precision({"accelerator": device.type, "precision": "auto"}).precision
     compile_model = device.type == "cuda" if a.compile == "auto" else a.compile == "true"
+    default_setups = ["fp32", "bf16"] if quick else (["bf16", "bf16+compile"] if cuda else ["fp32", "bf16", "bf16+compile", "fp32+compile"])
+    setups = parse_setups(a.setups or default_setups)
     command = "python -m sectional_moe.bench " + " ".join(shlex.quote(x) for x in (sys.argv[1:] if argv is None else argv))
     return BenchSettings(
         presets=presets, experts=experts, combos=combos, overhead=a.overhead or default_overhead,
@@ -148,6 +189,10 @@ def settings_from_args(argv: Sequence[str] | None = None) -> BenchSettings:
         vocab_size=a.vocab_size or (512 if quick else 8192), device=str(device), precision=precision,
         compile=compile_model, log_every=a.log_every or (max(1, warmup) + max(1, steps)),
         probe_reps=a.probe_reps, threads=a.threads, seq_lens=a.seq_len, d_models=a.d_model, plot=a.plot, stat=a.stat, out=Path(a.out) if a.out else None, quick=quick, command=command.strip(),
+        setups=setups, side_experts=a.side_experts or (experts[0] if quick else 8), study=not a.no_study,
+        reference=not a.no_reference,
+        overhead_rounds=a.overhead_rounds if a.overhead_rounds is not None else (0 if quick else 12),
+        overhead_steps=max(1, a.overhead_steps),
     )
 
 

@@ -20,7 +20,14 @@ from sectional_moe.bench.probes import MIB, GemmProbe, git_commit, machine_info
 from sectional_moe.bench.runners import MODES, BenchSettings, Runner, median, quartiles, step_time
 from sectional_moe.models.flops import flops_per_token
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: setups (precision x compile) side by side, studies' shape, reference model, paired overhead
+
+
+def _t95(n: int) -> float:
+    """Two-sided 95 % Student-t quantile with n - 1 degrees of freedom."""
+    from scipy import stats
+
+    return float(stats.t.ppf(0.975, max(1, n - 1)))
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -28,7 +35,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def _runner_stats(r: Runner, probe: GemmProbe, stat: str = "best_round") -> dict[str, Any]:
-    spec = r.case.spec
+    spec = r.case.spec  # also for the reference model: it has our model's FLOPs (equal-FLOP design)
     tokens = r.batch * spec.seq_len
     step = step_time(r.times, r.round_medians, stat)
     fpt = flops_per_token(spec, training=True)
@@ -43,7 +50,9 @@ def _runner_stats(r: Runner, probe: GemmProbe, stat: str = "best_round") -> dict
         "routing": spec.routing, "experts": r.case.experts,
         "top_k": spec.top_k if spec.routing == "topk" else (1 if spec.routing else None),
         "seq_reduction": spec.seq_reduction if spec.family == "sectional" else None,
-        "mode": r.mode, "batch_size": r.batch, "seq_len": spec.seq_len, "tokens_per_step": tokens,
+        "mode": r.mode, "setup": r.setup.name, "precision": r.setup.precision, "compile": r.setup.compile,
+        "compile_s": r.compile_s, "compile_error": r.compile_error,
+        "batch_size": r.batch, "seq_len": spec.seq_len, "tokens_per_step": tokens, "vocab_size": spec.vocab_size,
         "flops_per_token": fpt, "n_timed_steps": len(r.times), "step_times_s": r.times,
         "step_time_s": step, "step_statistic": stat, "step_time_median_all_s": median(r.times),
         "step_time_iqr_s": list(q) if q else None,
@@ -62,29 +71,35 @@ def _runner_stats(r: Runner, probe: GemmProbe, stat: str = "best_round") -> dict
 
 
 def assemble_report(settings: BenchSettings, device: torch.device, cases: list[Case], runners: list[Runner],
-                    probes: dict[str, GemmProbe], generic_probe: float | None, started: _dt.datetime) -> dict[str, Any]:
-    """JSON-ready report: metadata, one row per (case, mode), ratios to dense, overheads, targets."""
+                    probes: dict[tuple[str, str], GemmProbe], generic_probe: float | None, started: _dt.datetime) -> dict[str, Any]:
+    """JSON-ready report: metadata, one row per (case, mode, setup), ratios, overheads, targets."""
     import lightning
 
-    rows = [_runner_stats(r, probes[r.case.name], settings.stat) for r in runners]
-    by_key = {(row["case"], row["mode"]): row for row in rows}
-    # ratios to dense of the same size (preset + swept keys), in the same mode when dense ran in it
+    main_setup = settings.main_setup.name
+    rows = [_runner_stats(r, probes[(r.case.name, r.setup.dtype_name)], settings.stat) for r in runners]
+    by_key = {(row["case"], row["mode"], row["setup"]): row for row in rows}
+    # ratios to dense of the same size (preset + swept keys, or the named shape), in the same setup and
+    # mode when dense ran in it; and to the same case in fp32 eager (the "x fp32 eager" column)
     for row in rows:
-        dense = by_key.get((f"{row['group']}/dense", row["mode"])) or by_key.get((f"{row['group']}/dense", "lightning"))
+        group_dense = f"{row['group']}/dense"
+        dense = (by_key.get((group_dense, row["mode"], row["setup"])) or by_key.get((group_dense, "lightning", row["setup"]))
+                 if row["mode"] != "reference" else None)
         row["tokens_per_s_vs_dense"] = _ratio(row["tokens_per_s"], dense["tokens_per_s"]) if dense else None
         row["model_flops_vs_dense"] = _ratio(row["model_flops_per_s"], dense["model_flops_per_s"]) if dense else None
         row["frac_of_gemm_peak_vs_dense"] = _ratio(row["frac_of_gemm_peak"], dense["frac_of_gemm_peak"]) if dense else None
         row["peak_mem_vs_dense"] = _ratio(row["peak_mem_mib"], dense["peak_mem_mib"]) if dense else None
+        fp32 = by_key.get((row["case"], row["mode"], "fp32"))
+        row["tokens_per_s_vs_fp32_eager"] = _ratio(row["tokens_per_s"], fp32["tokens_per_s"]) if fp32 else None
 
     overhead = []
     for case in cases:
-        lit, nocb, bare = (by_key.get((case.name, m)) for m in MODES)
+        lit, nocb, bare = (by_key.get((case.name, m, main_setup)) for m in MODES)
         if nocb is None or bare is None or lit is None:
             continue
         step = lit["step_time_s"]
         hook = lit["callback_hook_s_per_step"]
-        overhead.append({
-            "case": case.name, "label": case.label,
+        entry = {
+            "case": case.name, "label": case.label, "setup": main_setup,
             "bare_tokens_per_s": bare["tokens_per_s"], "lightning_nocb_tokens_per_s": nocb["tokens_per_s"],
             "lightning_tokens_per_s": lit["tokens_per_s"],
             "lightning_vs_bare": _ratio(lit["tokens_per_s"], bare["tokens_per_s"]),
@@ -93,7 +108,21 @@ def assemble_report(settings: BenchSettings, device: torch.device, cases: list[C
             "callbacks_step_time_delta": (_ratio(lit["step_time_s"], nocb["step_time_s"]) or 1.0) - 1.0,
             "callback_hook_s_per_step": hook,
             "callback_hook_frac_of_step": _ratio(hook, step),
-        })
+        }
+        entry.update(_paired_overhead(by_key.get((case.name, "overhead_cb", main_setup)),
+                                      by_key.get((case.name, "overhead_nocb", main_setup))))
+        overhead.append(entry)
+
+    reference = []
+    for row in rows:
+        if row["mode"] != "bare" or row["group"] != "reference":
+            continue
+        ref = by_key.get((row["case"], "reference", row["setup"]))
+        if ref:
+            reference.append({"setup": row["setup"], "ours_tokens_per_s": row["tokens_per_s"], "reference_tokens_per_s": ref["tokens_per_s"],
+                              "ours_vs_reference": _ratio(row["tokens_per_s"], ref["tokens_per_s"]),
+                              "batch_size": row["batch_size"], "seq_len": row["seq_len"], "d_model": row["d_model"],
+                              "n_layers": row["n_layers"], "vocab_size": row["vocab_size"]})
 
     return {
         "schema_version": SCHEMA_VERSION,
@@ -104,7 +133,8 @@ def assemble_report(settings: BenchSettings, device: torch.device, cases: list[C
             "git_commit": git_commit(),
             "torch": torch.__version__, "lightning": lightning.__version__, "python": platform.python_version(),
             "machine": {**machine_info(device), "load_avg_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
-            "device": device.type, "precision": settings.precision, "compile": settings.compile,
+            "device": device.type, "precision": settings.precision, "compile": settings.compile, "main_setup": main_setup,
+            "setups": [s.name for s in settings.setups],
             "settings": {
                 "presets": settings.presets, "experts": settings.experts, "seq_lens": settings.seq_lens,
                 "d_models": settings.d_models,
@@ -113,40 +143,66 @@ def assemble_report(settings: BenchSettings, device: torch.device, cases: list[C
                 "warmup_steps": settings.warmup, "timed_steps_per_round": settings.steps,
                 "vocab_size": settings.vocab_size, "log_every_n_steps": settings.log_every,
                 "quick": settings.quick, "gemm_probe_reps": settings.probe_reps, "step_statistic": settings.stat, "threads": torch.get_num_threads(),
-                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "side_experts": settings.side_experts,
+                "overhead_rounds": settings.overhead_rounds, "overhead_steps": settings.overhead_steps,
             },
             "generic_matmul_probe_flops_per_s": generic_probe,
         },
         "results": rows,
         "overhead": overhead,
-        "targets": targets(rows, overhead),
+        "reference": reference,
+        "targets": targets(rows, overhead, reference, main_setup),
     }
 
 
-def targets(rows: list[dict[str, Any]], overhead: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issue's targets, each computed from the measured rows (None when not measured)."""
+def _paired_overhead(cb: dict[str, Any] | None, nocb: dict[str, Any] | None) -> dict[str, Any]:
+    """Callbacks on vs off from the dedicated paired rounds: per round, cb median / no-cb median - 1
+    (the two ran back to back, so foreign load hits both alike); mean with a Student-t 95 % interval."""
+    if not cb or not nocb:
+        return {}
+    deltas = [a / b - 1.0 for a, b in zip(cb["round_median_step_times_s"], nocb["round_median_step_times_s"])]
+    if len(deltas) < 2:
+        return {}
+    mean = statistics.fmean(deltas)
+    half = _t95(len(deltas)) * statistics.stdev(deltas) / len(deltas) ** 0.5
+    return {"paired_rounds": len(deltas), "paired_deltas": deltas, "callbacks_delta_paired": mean,
+            "callbacks_delta_ci95": [mean - half, mean + half], "callbacks_delta_ci95_halfwidth": half}
+
+
+def targets(rows: list[dict[str, Any]], overhead: list[dict[str, Any]], reference: list[dict[str, Any]] | None = None,
+            main_setup: str = "fp32") -> list[dict[str, Any]]:
+    """The issues' targets, each computed from the measured rows (None when not measured)."""
     out: list[dict[str, Any]] = []
 
-    def add(name: str, value: float | None, threshold: float, higher_is_better: bool = True) -> None:
+    def add(name: str, value: float | None, threshold: float, higher_is_better: bool = True, issue: int = 9) -> None:
         met = None if value is None else (value >= threshold if higher_is_better else value <= threshold)
-        out.append({"target": name, "value": value, "threshold": threshold,
+        out.append({"target": name, "value": value, "threshold": threshold, "issue": issue,
                     "direction": ">=" if higher_is_better else "<=", "met": met})
 
     for o in overhead:
         if o["label"].startswith(("dense", "sectional")):
             add(f"{o['case']}: Lightning+callbacks tokens/s vs bare loop", o["lightning_vs_bare"], 0.95)
-    main = [r for r in rows if r["mode"] == "lightning"]
+    main = [r for r in rows if r["mode"] == "lightning" and r["setup"] == main_setup and r["group"] not in ("study_cpu",)]
     for r in main:
         if r["family"] == "sectional" and r["routing"] == "segment_fixed":
             add(f"{r['case']}: model FLOP/s vs dense", r["model_flops_vs_dense"], 0.90)
         if r["family"] == "moe" and r["routing"] == "topk" and r["experts"] == 8 and r["top_k"] == 2:
             add(f"{r['case']}: model FLOP/s vs dense", r["model_flops_vs_dense"], 0.70)
+        if r["family"] == "moe" and r["routing"] == "topk" and r["experts"] == 16 and r["top_k"] == 2:
+            add(f"{r['case']} ({main_setup}): model FLOP/s vs dense", r["model_flops_vs_dense"], 0.85, issue=17)
     for o in overhead:
         add(f"{o['case']}: metrics callbacks, hook time / step time", o["callback_hook_frac_of_step"], 0.02, False)
-        add(f"{o['case']}: metrics callbacks on vs off, step-time difference", o["callbacks_step_time_delta"], 0.02, False)
+        if "callbacks_delta_paired" in o:
+            add(f"{o['case']}: metrics callbacks on vs off, step-time difference ({o['paired_rounds']} paired rounds)",
+                o["callbacks_delta_paired"], 0.02, False, issue=17)
+            add(f"{o['case']}: ... its noise, 95 % CI half-width", o["callbacks_delta_ci95_halfwidth"], 0.02, False, issue=17)
+        else:
+            add(f"{o['case']}: metrics callbacks on vs off, step-time difference", o["callbacks_step_time_delta"], 0.02, False)
     for r in main:
         if r["family"] == "dense":
             add(f"{r['case']}: model FLOP/s / matmul rate at its GEMM shapes", r["frac_of_gemm_peak"], 0.50)
+    for ref in reference or []:
+        add(f"our dense vs GPT-2-style reference, bare loop, {ref['setup']} eager (tokens/s)", ref["ours_vs_reference"], 1.0, issue=17)
     return out
 
 
@@ -186,7 +242,8 @@ def to_markdown(report: dict[str, Any]) -> str:
         lines.append(f"- generic fp32 matmul probe (512x512x512): {m['generic_matmul_probe_flops_per_s'] / 1e9:.1f} GFLOP/s")
     lines += [
         "",
-        "## Training throughput (Lightning + metrics callbacks)",
+        f"## Training throughput (Lightning + metrics callbacks, {m.get('main_setup', 'fp32')} eager)" if not m.get("compile")
+        else f"## Training throughput (Lightning + metrics callbacks, {m.get('main_setup')})",
         "",
         "Model FLOPs are analytic (`flops_per_token`, matmuls only, backward = 2x forward). *GEMM peak* is the rate this "
         "machine reaches on the model's own projection GEMMs (forward + both backward GEMMs, timed alone); "
@@ -195,8 +252,9 @@ def to_markdown(report: dict[str, Any]) -> str:
         "| size | config | E | step ms | tokens/s | x dense | model GFLOP/s | x dense | GEMM peak GFLOP/s | % peak | peak mem MiB | x dense |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    main_setup = m.get("main_setup", "fp32")
     for r in report["results"]:
-        if r["mode"] != "lightning":
+        if r["mode"] != "lightning" or r.get("setup", main_setup) != main_setup or r["group"] in ("study_cpu", "reference"):
             continue
         lines.append(
             f"| {r['group']} | {r['label']} | {r['experts'] or '–'} | {_fmt(r['step_time_s'], '.1f', 1e3)} | "
@@ -204,6 +262,31 @@ def to_markdown(report: dict[str, Any]) -> str:
             f"{_fmt(r['model_flops_vs_dense'])} | {_fmt(r['gemm_peak_flops_per_s'], '.1f', 1e-9)} | "
             f"{_fmt(r['frac_of_gemm_peak'], '.0f', 100)} | {_fmt(r['peak_mem_mib'], '.0f')} | {_fmt(r['peak_mem_vs_dense'])} |"
         )
+    side = [r for r in report["results"] if r["mode"] == "lightning" and r["group"] not in ("study_cpu", "reference")
+            and len({x["setup"] for x in report["results"] if x["case"] == r["case"] and x["mode"] == "lightning"}) > 1]
+    if side:
+        lines += ["", "## Precision and compile, side by side (Lightning + metrics callbacks)", "",
+                  "Every family in every setup, interleaved in the same rounds. *x fp32 eager*: tokens/s over the same "
+                  "configuration's fp32 eager run. *GEMM peak* is measured in the setup's own matmul dtype, so *% peak* "
+                  "is the share of what this machine's bf16 (or fp32) matmuls reach at the model's shapes. *compile s*: "
+                  "the first compiled step (Dynamo + Inductor + a trial step; Inductor's cache on this machine was used).", ""]
+        lines += _setup_table(side)
+    study = [r for r in report["results"] if r["mode"] == "lightning" and r["group"] == "study_cpu"]
+    if study:
+        lines += ["", "## The studies' own job shape (`experiment=study_cpu`)", "",
+                  f"The study points of `experiments/e_sweep.yaml` at the shape every CPU study job trains at "
+                  f"(batch {study[0]['batch_size']} x {study[0]['seq_len']}, vocabulary {study[0]['vocab_size']}).", ""]
+        lines += _setup_table(study)
+    if report.get("reference"):
+        lines += ["", "## Our dense model vs a minimal GPT-2-style model of equal FLOPs (bare loops)", "",
+                  "Same loop, batch, AdamW, clipping and fp32 loss; the reference (`bench/reference.py`) has learned "
+                  "positions, LayerNorm, one fused QKV projection and a 4x GELU MLP: 12 d^2 matmul parameters per layer, "
+                  "as our GQA attention + SwiGLU.", "",
+                  "| setup | shape | ours tokens/s | reference tokens/s | ours / reference |", "|---|---|---|---|---|"]
+        for ref in report["reference"]:
+            lines.append(f"| {ref['setup']} eager | batch {ref['batch_size']} x {ref['seq_len']}, d {ref['d_model']}, "
+                         f"{ref['n_layers']} layers, vocab {ref['vocab_size']} | {_fmt(ref['ours_tokens_per_s'], '.0f')} | "
+                         f"{_fmt(ref['reference_tokens_per_s'], '.0f')} | {_fmt(ref['ours_vs_reference'], '.3f')} |")
     if report["overhead"]:
         lines += [
             "",
@@ -220,12 +303,35 @@ def to_markdown(report: dict[str, Any]) -> str:
                 f"{_fmt(o['lightning_nocb_vs_bare'], '.3f')} | {_fmt(o['callbacks_step_time_delta'], '+.1f', 100)} % | "
                 f"{_fmt(o['callback_hook_frac_of_step'], '.2f', 100)} % |"
             )
+        paired = [o for o in report["overhead"] if "callbacks_delta_paired" in o]
+        if paired:
+            lines += ["", "Callbacks on vs off in dedicated paired rounds (the two runs back to back, the first alternating; "
+                      "per round: median step with callbacks / without - 1; mean and Student-t 95 % interval over rounds):", "",
+                      "| config | rounds x steps | on vs off | 95 % CI |", "|---|---|---|---|"]
+            steps = report["meta"]["settings"].get("overhead_steps")
+            for o in paired:
+                lo, hi = o["callbacks_delta_ci95"]
+                lines.append(f"| {o['case']} | {o['paired_rounds']} x {steps} | {_fmt(o['callbacks_delta_paired'], '+.2f', 100)} % | "
+                             f"[{_fmt(lo, '+.2f', 100)}, {_fmt(hi, '+.2f', 100)}] % |")
     if report["targets"]:
-        lines += ["", "## Targets (issue 9)", "", "| target | measured | threshold | met |", "|---|---|---|---|"]
+        lines += ["", "## Targets (issues 9 and 17)", "", "| issue | target | measured | threshold | met |", "|---|---|---|---|---|"]
         for t in report["targets"]:
             met = "–" if t["met"] is None else ("yes" if t["met"] else "**no**")
-            lines.append(f"| {t['target']} | {_fmt(t['value'], '.3f')} | {t['direction']} {t['threshold']} | {met} |")
+            lines.append(f"| {t.get('issue', 9)} | {t['target']} | {_fmt(t['value'], '.3f')} | {t['direction']} {t['threshold']} | {met} |")
     return "\n".join(lines) + "\n"
+
+
+def _setup_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Long-format rows (config x setup): tokens/s, x fp32 eager, x dense, model FLOP/s, GEMM peak, % peak, compile time."""
+    out = ["| size | config | setup | step ms | tokens/s | x fp32 eager | x dense | model GFLOP/s | GEMM peak GFLOP/s | % peak | compile s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["group"], r["label"] != "dense", r["label"])):
+        note = " (failed: eager)" if r.get("compile_error") else ""
+        out.append(f"| {r['group']} | {r['label']} | {r['setup']}{note} | {_fmt(r['step_time_s'], '.1f', 1e3)} | "
+                   f"{_fmt(r['tokens_per_s'], '.0f')} | {_fmt(r.get('tokens_per_s_vs_fp32_eager'))} | {_fmt(r['tokens_per_s_vs_dense'])} | "
+                   f"{_fmt(r['model_flops_per_s'], '.1f', 1e-9)} | {_fmt(r['gemm_peak_flops_per_s'], '.1f', 1e-9)} | "
+                   f"{_fmt(r['frac_of_gemm_peak'], '.0f', 100)} | {_fmt(r.get('compile_s'), '.0f')} |")
+    return out
 
 
 def _loadavg(x: list[float] | None) -> str:

@@ -1,10 +1,13 @@
 """The two training paths the benchmark times: a bare PyTorch loop and ``trainer.fit``, on synthetic tokens.
 
 Both train the same module, batch and optimiser; the loss is :func:`~sectional_moe.models.loss.lm_loss`
-in both, so the difference is only the framework (and, in Lightning, the metrics callbacks).
+in both, so the difference is only the framework (and, in Lightning, the metrics callbacks). The bare
+loop also trains the GPT-2-style :mod:`~sectional_moe.bench.reference` model (mode ``reference``).
+Each run is in a :class:`~sectional_moe.bench.cases.Setup` (fp32 or bf16-mixed, eager or compiled);
+a compiled run compiles once, in its first round's warm-up, and keeps its module for later rounds.
 
-Imports: torch, lightning, :mod:`sectional_moe.training` (module, optim), :mod:`sectional_moe.callbacks`,
-:mod:`sectional_moe.bench` (cases, probes).
+Imports: torch, lightning, :mod:`sectional_moe.training` (module, optim, compiling), :mod:`sectional_moe.callbacks`,
+:mod:`sectional_moe.bench` (cases, probes, reference).
 """
 
 from __future__ import annotations
@@ -20,17 +23,20 @@ from typing import Any, Sequence
 import lightning.pytorch as pl
 import torch
 
-from sectional_moe.bench.cases import DEFAULT_BATCH, Case
+from sectional_moe.bench.cases import DEFAULT_BATCH, SETUP_PRECISIONS, Case, Setup
 from sectional_moe.bench.probes import StepMemory, static_bytes
+from sectional_moe.bench.reference import ReferenceGPT, reference_loss
 from sectional_moe.callbacks import ExpertLoadMonitor, MemoryMonitor, SpeedMonitor, WandbSummary
 from sectional_moe.device import sync
 from sectional_moe.models.loss import lm_loss
 from sectional_moe.models.spec import ModelSpec
+from sectional_moe.training.compiling import try_compile
 from sectional_moe.training.module import LMModule
-from sectional_moe.training.optim import build_optimizer, lr_multiplier
+from sectional_moe.training.optim import build_optimizer, clip_grad_norm_in_optimizer, lr_multiplier
 
 MODES = ("lightning", "lightning_nocb", "bare")
-MODE_LABELS = {"lightning": "Lightning + metrics callbacks", "lightning_nocb": "Lightning, no callbacks", "bare": "bare PyTorch loop"}
+MODE_LABELS = {"lightning": "Lightning + metrics callbacks", "lightning_nocb": "Lightning, no callbacks",
+               "bare": "bare PyTorch loop", "reference": "bare loop, GPT-2-style reference model"}
 OPTIM = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, fused="auto", schedule="constant",
              warmup_steps=0, min_lr_ratio=0.1, decay_frac=0.2)
 GRAD_CLIP = 1.0  # conf/trainer/default.yaml: the bare loop clips exactly as Lightning does
@@ -63,6 +69,16 @@ def build_module(spec: ModelSpec, device: torch.device, compile_model: bool, see
     return LMModule(spec.to_dict(), dict(OPTIM), max_steps=10**6, compile=compile_model)
 
 
+def build_reference(spec: ModelSpec, seed: int = 0) -> ReferenceGPT:
+    """The GPT-2-style reference at our model's width, depth, heads, context and vocabulary (equal FLOPs, see its module)."""
+    torch.manual_seed(seed)
+    return ReferenceGPT(spec.vocab_size, spec.d_model, spec.n_layers, spec.n_heads, spec.seq_len)
+
+
+def autocast_of(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    return torch.autocast(device.type, dtype=torch.bfloat16) if precision.startswith("bf16") else contextlib.nullcontext()
+
+
 @dataclass
 class RoundResult:
     """What one round of one (case, mode) measured."""
@@ -71,19 +87,45 @@ class RoundResult:
     step_mem: int | None = None  # transient bytes of the memory step
     static_mem: int | None = None
     hook_times: list[float] = field(default_factory=list)  # seconds inside metric callbacks, per timed step
+    state: Any = None  # what a compiled run keeps for its next round (module, optimiser, compiled model)
+    compile_s: float | None = None  # the first compiled step (Dynamo + Inductor + trial step), this round
+    compile_error: str | None = None
 
 
 def run_bare(case: Case, batch: int, warmup: int, steps: int, device: torch.device, precision: str,
-             compile_model: bool, measure_memory: bool) -> RoundResult:
-    """Plain PyTorch: forward, loss, backward, clip, AdamW step, schedule step, zero_grad."""
-    module = build_module(case.spec, device, compile_model).to(device)
-    model = module.model
-    model.train()
-    optimizer = build_optimizer(model, OPTIM, device.type)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(
-        s, schedule=OPTIM["schedule"], warmup_steps=0, max_steps=10**6, min_lr_ratio=OPTIM["min_lr_ratio"]))
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision.startswith("bf16")
-                else contextlib.nullcontext())
+             compile_model: bool, measure_memory: bool, reference: bool = False, state: Any = None) -> RoundResult:
+    """Plain PyTorch: forward, loss, backward, clip, AdamW step, schedule step, zero_grad.
+
+    ``reference``: train the GPT-2-style :class:`ReferenceGPT` instead of our model (same loop).
+    ``compile_model``: compile with Inductor before the warm-up (a trial step, excluded from the
+    timing); ``state`` is the previous round's (model, optimiser, scheduler, compiled model), reused.
+    """
+    compile_s = compile_error = None
+    if state is None:
+        if reference:
+            model = build_reference(case.spec).to(device)
+            loss_of = reference_loss
+        else:
+            model = build_module(case.spec, device, False).to(device).model
+            loss_of = lambda m, b: lm_loss(m, b).loss  # noqa: E731
+        model.train()
+        optimizer = build_optimizer(model, OPTIM, device.type)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(
+            s, schedule=OPTIM["schedule"], warmup_steps=0, max_steps=10**6, min_lr_ratio=OPTIM["min_lr_ratio"]))
+        compiled = None
+        if compile_model:
+            probe = make_loader(case.spec, batch, 1, device).dataset[0].unsqueeze(0).repeat(batch, 1).to(device)
+
+            def trial(m: torch.nn.Module) -> torch.Tensor:
+                with autocast_of(device, precision):
+                    return loss_of(m, probe)
+
+            result = try_compile(model, trial)
+            compiled, compile_s, compile_error = result.compiled, result.seconds, result.error
+        state = (model, optimizer, scheduler, compiled, loss_of)
+    model, optimizer, scheduler, compiled, loss_of = state
+    run_model = compiled if compiled is not None else model
+    autocast = autocast_of(device, precision)
     total = warmup + steps + (1 if measure_memory else 0)
     loader = make_loader(case.spec, batch, total, device)
     ends: list[float] = []
@@ -96,9 +138,9 @@ def run_bare(case: Case, batch: int, warmup: int, steps: int, device: torch.devi
             mem.start()
         batch_ids = batch_ids.to(device, non_blocking=True)
         with autocast:
-            loss = lm_loss(model, batch_ids).loss
+            loss = loss_of(run_model, batch_ids)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        clip_grad_norm_in_optimizer(optimizer, GRAD_CLIP)  # as LMModule clips under Lightning
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -108,7 +150,9 @@ def run_bare(case: Case, batch: int, warmup: int, steps: int, device: torch.devi
         else:
             ends.append(time.perf_counter())
     times = [b - a for a, b in zip([start, *ends[:-1]], ends)][warmup:]
-    return RoundResult(times, step_mem, static_bytes(model, optimizer))
+    keep = state if compile_model else None  # eager runs rebuild each round (bounded memory)
+    return RoundResult(times, step_mem, static_bytes(model, optimizer), state=keep, compile_s=compile_s,
+                       compile_error=compile_error)
 
 
 def _timed_hooks(callback: Any, sink: list[float]) -> None:
@@ -131,10 +175,16 @@ def _timed_hooks(callback: Any, sink: list[float]) -> None:
 
 
 def run_lightning(case: Case, batch: int, warmup: int, steps: int, device: torch.device, precision: str,
-                  compile_model: bool, measure_memory: bool, callbacks_on: bool, log_every: int) -> RoundResult:
+                  compile_model: bool, measure_memory: bool, callbacks_on: bool, log_every: int,
+                  state: Any = None) -> RoundResult:
     """``trainer.fit`` of the same module, batch and optimiser (``configure_optimizers``), with or
-    without the metrics callbacks; a last-in-list timer callback stamps every batch end."""
-    module = build_module(case.spec, device, compile_model)
+    without the metrics callbacks; a last-in-list timer callback stamps every batch end.
+
+    ``compile_model``: LMModule compiles at the first batch (inside the untimed warm-up); the
+    module is returned as ``state`` and refitted in later rounds without compiling again.
+    """
+    fresh = state is None
+    module = build_module(case.spec, device, compile_model) if fresh else state
     total = warmup + steps + (1 if measure_memory else 0)
     hook_sink = [0.0]
     metric_cbs: list[pl.Callback] = []
@@ -179,27 +229,55 @@ def run_lightning(case: Case, batch: int, warmup: int, steps: int, device: torch
     times = [b - a for a, b in zip(ends[:-1], ends[1:])][max(0, warmup - 1):]
     hooks = timer.hooks[1:][max(0, warmup - 1):]
     optimizer = trainer.optimizers[0]
-    result = RoundResult(times, timer.step_mem, static_bytes(module.model, optimizer), hooks if callbacks_on else [])
+    result = RoundResult(times, timer.step_mem, static_bytes(module.model, optimizer), hooks if callbacks_on else [],
+                         state=module if compile_model else None)
+    if compile_model and fresh:
+        result.compile_s = module.compile_report.get("seconds")
+        result.compile_error = module.compile_report.get("error")
     del trainer
     return result
 
 
 @dataclass
 class Runner:
-    """A (case, mode) pair and everything its rounds measured."""
+    """A (case, mode, setup) triple and everything its rounds measured."""
 
     case: Case
-    mode: str
+    mode: str  # lightning | lightning_nocb | bare | reference
     batch: int
+    setup: Setup = Setup("fp32")
     times: list[float] = field(default_factory=list)
     round_medians: list[float] = field(default_factory=list)  # median step time of each round
     hooks: list[float] = field(default_factory=list)
     step_mem: list[int] = field(default_factory=list)
     static_mem: int | None = None
+    state: Any = None  # a compiled run's module (or bare-loop state), kept across rounds
+    compile_s: float | None = None
+    compile_error: str | None = None
 
     @property
     def key(self) -> str:
-        return f"{self.case.name}:{self.mode}"
+        return f"{self.case.name}:{self.mode}:{self.setup.name}"
+
+    def run_round(self, settings: "BenchSettings", device: torch.device) -> RoundResult:
+        """One round: warm-up + timed steps (+ a memory step), recorded into this runner."""
+        kw = dict(batch=self.batch, warmup=settings.warmup, steps=settings.steps, device=device,
+                  precision=self.setup.precision, compile_model=self.setup.compile, measure_memory=True, state=self.state)
+        if self.mode in ("bare", "reference"):
+            res = run_bare(self.case, **kw, reference=self.mode == "reference")
+        else:
+            res = run_lightning(self.case, **kw, callbacks_on=self.mode == "lightning", log_every=settings.log_every)
+        self.times.extend(res.step_times)
+        if res.step_times:
+            self.round_medians.append(statistics.median(res.step_times))
+        self.hooks.extend(res.hook_times)
+        if res.step_mem is not None:
+            self.step_mem.append(res.step_mem)
+        self.static_mem = res.static_mem
+        self.state = res.state
+        if res.compile_s is not None:
+            self.compile_s, self.compile_error = res.compile_s, res.compile_error
+        return res
 
 
 def median(xs: Sequence[float]) -> float | None:
@@ -225,8 +303,8 @@ class BenchSettings:
     steps: int
     vocab_size: int
     device: str
-    precision: str
-    compile: bool
+    precision: str  # the main setup's precision (the E sweep and the overhead cases run in it)
+    compile: bool  # the main setup's compile
     log_every: int
     probe_reps: int
     threads: int | None
@@ -237,9 +315,23 @@ class BenchSettings:
     out: Path | None
     quick: bool
     command: str
+    setups: list[Setup] = field(default_factory=list)  # side by side per family (at side_experts) and at the study shape
+    side_experts: int = 8  # E of the side-by-side table
+    study: bool = True  # also the studies' job shape (conf/experiment/study_cpu.yaml)
+    reference: bool = True  # our dense model against the GPT-2-style reference (bare loops)
+    overhead_rounds: int = 0  # extra interleaved rounds of the overhead cases only (callbacks on vs off)
+    overhead_steps: int = 8  # timed steps per overhead round
+
+    @property
+    def main_setup(self) -> Setup:
+        return Setup(next(k for k, v in SETUP_PRECISIONS.items() if v == self.precision) + ("+compile" if self.compile else ""))
 
     def batch_for(self, preset: str) -> int:
         return self.batch or DEFAULT_BATCH.get(preset, 4)
+
+    def batch_of(self, case: Case) -> int:
+        """A case's own batch (study and reference shapes), else the preset's."""
+        return case.batch or self.batch_for(case.preset)
 
 
 def step_time(times: Sequence[float], round_medians: Sequence[float], stat: str) -> float | None:

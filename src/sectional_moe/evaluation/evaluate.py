@@ -196,7 +196,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     batch = int(bench.get("batch_size", 1))
     results["prefill"] = measure_prefill(model, batch_size=batch, seconds=float(bench.get("prefill_seconds", 1.0)),
                                          precision=precision)
-    results["decode"] = measure_decode(model, batch_size=batch, new_tokens=decode_tokens, precision=precision)
+    results["decode"] = measure_decode(model, batch_size=batch, new_tokens=decode_tokens, precision=precision,
+                                       prefill=results["prefill"])
     if tokenizer is not None and cfg.get("prompt") is not None:
         sampling = {"max_new_tokens": int(cfg.max_new_tokens), "temperature": float(cfg.temperature),
                     "top_k": cfg.get("top_k"), "seed": int(cfg.seed)}
@@ -226,6 +227,9 @@ def format_table(results: Mapping[str, Any]) -> str:
                                      f"{1e3 * p['latency_s']:.2f} ms/pass)"))
     rows.append(("decode tokens/s", f"{d['tokens_per_s']:,.1f}  ({d['ms_per_token']:.2f} ms/step, batch {d['batch_size']}, "
                                     f"KV cache, {d['new_tokens']} steps after {d['context_tokens']} prompt tokens)"))
+    if "decode_cost_in_prefill_tokens" in d:
+        rows.append(("decode vs prefill", f"a decoded token costs {d['decode_cost_in_prefill_tokens']:.1f} prefill tokens "
+                                          f"({d['decode_ms_per_token']:.3f} vs {d['prefill_ms_per_token']:.3f} ms per token)"))
     width = max(len(k) for k, _ in rows)
     lines = [f"{k:<{width}}  {v}" for k, v in rows]
     lines.append(f"note: {DECODE_NOTE}")

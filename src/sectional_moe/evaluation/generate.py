@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -165,13 +165,14 @@ def check_decode_tokens(new_tokens: int, seq_len: int) -> None:
 
 @torch.inference_mode()
 def measure_decode(model: LanguageModel, *, batch_size: int = 1, new_tokens: int = 32, precision: str = "auto",
-                   context: torch.Tensor | None = None) -> dict[str, Any]:
+                   context: torch.Tensor | None = None, prefill: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Tokens/s of KV-cached greedy decoding: ``new_tokens`` one-token steps per sequence after a
     prompt of ``seq_len - new_tokens`` tokens (so the last step fills the context exactly).
 
     Only the steps are timed (the prompt's prefill is :func:`measure_prefill`'s business); one
     untimed warm-up run first. A sectional layer's work lands on every r-th step, so the mean over
-    ``new_tokens`` >= r steps is its amortised cost.
+    ``new_tokens`` >= r steps is its amortised cost. With ``prefill`` (:func:`measure_prefill`'s
+    result) the report adds :func:`decode_vs_prefill`.
     """
     spec, device = model.spec, next(model.parameters()).device
     check_decode_tokens(new_tokens, spec.seq_len)
@@ -181,8 +182,21 @@ def measure_decode(model: LanguageModel, *, batch_size: int = 1, new_tokens: int
     with autocast(device, precision):
         _decode_steps(model, prompt, min(new_tokens, 4), device)  # warm-up: kernels, allocator, thread pool
         elapsed = _decode_steps(model, prompt, new_tokens, device)
-    return {"tokens_per_s": B * new_tokens / elapsed, "ms_per_token": 1e3 * elapsed / new_tokens, "batch_size": B,
-            "new_tokens": new_tokens, "context_tokens": prompt.shape[1], "kv_cache": True,
-            "flops_per_token": flops_per_token(spec, training=False), "note": DECODE_NOTE}
+    out = {"tokens_per_s": B * new_tokens / elapsed, "ms_per_token": 1e3 * elapsed / new_tokens, "batch_size": B,
+           "new_tokens": new_tokens, "context_tokens": prompt.shape[1], "kv_cache": True,
+           "flops_per_token": flops_per_token(spec, training=False), "note": DECODE_NOTE}
+    if prefill is not None:
+        out.update(decode_vs_prefill(out, prefill))
+    return out
+
+
+def decode_vs_prefill(decode: Mapping[str, Any], prefill: Mapping[str, Any]) -> dict[str, float]:
+    """A decoded token's cost in prefill tokens: both take about the same FLOPs per token, so the
+    ratio is what one-token steps lose to fixed per-step costs (Python dispatch of every op, reading
+    every weight for one row; a batch of B sequences shares them)."""
+    prefill_s = 1.0 / prefill["tokens_per_s"]
+    decode_s = 1.0 / decode["tokens_per_s"]
+    return {"prefill_ms_per_token": 1e3 * prefill_s, "decode_ms_per_token": 1e3 * decode_s,
+            "decode_cost_in_prefill_tokens": decode_s / prefill_s}
 
 

@@ -31,6 +31,14 @@ def _rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> to
     return (xf * weight.to(xf.dtype)).to(x.dtype)
 
 
+def _rms_norm_forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm of x in x's dtype, the fp32 reciprocal RMS (..., 1)): statistics in at least fp32."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 statistics under bf16 autocast
+    ms = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(xf.shape[-1])
+    rstd = ms.add_(eps).rsqrt_()  # (..., 1)
+    return (xf * rstd).mul_(weight.to(xf.dtype)).to(x.dtype), rstd
+
+
 class _RMSNormFn(torch.autograd.Function):
     """Eager RMSNorm with a hand-written backward: half the elementwise passes of the autograd
     graph of the plain ops (on CPU these passes, not the matmuls, made our model slower than a
@@ -38,12 +46,9 @@ class _RMSNormFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 statistics under bf16 autocast
-        ms = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(xf.shape[-1])
-        rstd = ms.add_(eps).rsqrt_()  # (..., 1)
-        y = (xf * rstd).mul_(weight.to(xf.dtype))
+        y, rstd = _rms_norm_forward(x, weight, eps)
         ctx.save_for_backward(x, weight, rstd)
-        return y.to(x.dtype)
+        return y
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
@@ -64,6 +69,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim, computed in fp32 for stability under bf16 autocast (output in x's dtype)."""
     if torch.compiler.is_compiling():
         return _rms_norm_reference(x, weight, eps)
+    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        # inference (decoding: one row per call, so op count is the cost): one op where dtypes allow
+        if x.dtype == weight.dtype == torch.float32 and weight.dim() == 1:
+            return F.rms_norm(x, (x.shape[-1],), weight, eps)
+        return _rms_norm_forward(x, weight, eps)[0]
     return _RMSNormFn.apply(x, weight, eps)
 
 
@@ -184,7 +194,7 @@ class _SwiGLUFn(torch.autograd.Function):
 
 def swiglu_fused(gate_up: torch.Tensor) -> torch.Tensor:
     """:func:`swiglu` of the two halves (gate, up) of the last dim of ``gate_up`` (..., 2F) -> (..., F)."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or not (torch.is_grad_enabled() and gate_up.requires_grad):
         return swiglu(*gate_up.chunk(2, dim=-1))
     return _SwiGLUFn.apply(gate_up)
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 import colorsys
 import hashlib
 import json
-import math
 import os
 import unicodedata
 import urllib.error
@@ -47,6 +46,7 @@ import pandas as pd
 
 from sectional_moe.report import analysis, wandb_dashboard
 from sectional_moe.report.wandb_dashboard import report_run_keys, summary_run_id
+from sectional_moe.report.table import num
 
 if TYPE_CHECKING:  # pragma: no cover - only for annotations
     from sectional_moe.report.html import Report
@@ -193,18 +193,8 @@ def safe_title(text: str, limit: int = 128) -> str:
 
 
 def _sort_value(v: Any) -> tuple[int, float, str]:
-    x = _num(v)
+    x = num(v)
     return (0, x, "") if x is not None else (1, 0.0, str(v))
-
-
-def _num(v: Any) -> float | None:
-    if v is None or isinstance(v, bool) or v is pd.NA:
-        return None
-    try:
-        x = float(v)
-    except (TypeError, ValueError):
-        return None
-    return x if math.isfinite(x) else None
 
 
 def palette(values: Iterable[Any]) -> dict[str, str]:
@@ -430,7 +420,7 @@ def _runsets(table: pd.DataFrame, options: ViewOptions, group: str, metric: str,
 
 
 def _fmt(x: Any, digits: int = 4) -> str:
-    v = _num(x)
+    v = num(x)
     return "n/a" if v is None else f"{v:.{digits}g}"
 
 
@@ -455,7 +445,7 @@ def findings_markdown(report: Report, group: str) -> str:
             stats = cell.groupby(cell["experts"].astype(object).where(cell["experts"].notna(), None), dropna=False)[metric].agg(["mean", "std", "count"])
             stats = stats.sort_values("mean", ascending=analysis.ascending(metric), kind="stable")
             e, row = stats.index[0], stats.iloc[0]
-            spread = f" ± {_fmt(row['std'], 3)}" if row["count"] > 1 and _num(row["std"]) is not None else ""
+            spread = f" ± {_fmt(row['std'], 3)}" if row["count"] > 1 and num(row["std"]) is not None else ""
             where = "" if family == "dense" else f" at E = {_label(e)}"
             per_cell.append(f"- {family}, routing {_label(routing)}{named}: best mean {metric} {_fmt(row['mean'])}{spread}"
                             f" ({int(row['count'])} seed{'s' if row['count'] > 1 else ''}){where}")

@@ -7,7 +7,9 @@
   :mod:`~.overrides` — the command line checked before Hydra composes (Hydra-level errors in one
   line, a sweep-wide error once);
 * :mod:`~sectional_moe.training.startup` — a run's start-up: secrets, Hydra's record, threads,
-  quiet output, the printed config; :mod:`~.memory` — the memory estimate checked before allocation.
+  quiet output, the printed config; :mod:`~.memory` — the memory estimate checked before allocation;
+* :mod:`~sectional_moe.training.compiling` — ``torch.compile`` (Inductor) with a trial step and a
+  one-line fallback to eager (``compile=true|auto``; the rule is ``device.CompileRule``).
 
 May import every package below it (models, data, callbacks, runs, tracking) and the top-level
 modules; only the entry points and the studies/bench import it.

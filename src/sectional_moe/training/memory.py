@@ -14,7 +14,8 @@ training step, no activation checkpointing):
 * activations: for every weight matmul of the forward pass (``models.flops.model_matmuls``) its
   input and output rows are kept for the backward pass, plus the residual stream and norms
   (4 rows of ``d_model`` per layer and position); attention runs fused (no T x T scores kept);
-* the LM head: logits, their log-softmax and their gradient (3 x batch x seq_len x vocab);
+* the LM head: logits, their log-softmax and their gradient (3 x batch x seq_len x vocab; 2 x on
+  CPU, where ``models.loss`` computes the loss chunk by chunk and keeps no log-softmax);
 * a fixed runtime overhead (the framework, the data, allocator slack).
 
 Measured against the peak resident memory of CPU runs (``tests/training/test_memory.py``) it is
@@ -81,7 +82,8 @@ def estimate(spec: ModelSpec, batch_size: int, *, precision: str = "32-true", sh
             continue
         activations += m.groups * m.M * (m.K + m.N)
     activations += 4 * spec.n_layers * batch_size * spec.seq_len * spec.d_model
-    head = 3 * batch_size * spec.seq_len * spec.vocab_size * 4.0  # logits and their gradient in fp32
+    copies = 2 if device == "cpu" else 3  # logits + gradient (+ log-softmax, except the chunked CPU loss)
+    head = copies * batch_size * spec.seq_len * spec.vocab_size * 4.0
     return MemoryEstimate(params=n * weight_bytes / shard, grads=n * grad_bytes / shard, optimizer=n * 8.0 / shard,
                           activations=activations * act_bytes, head=head, overhead=RUNTIME_OVERHEAD.get(device, GIB))
 

@@ -32,7 +32,7 @@ from sectional_moe.models.loss import LMLoss, lm_loss
 from sectional_moe.models.sectional import SectionalMoEBlock
 from sectional_moe.models.spec import ModelSpec
 from sectional_moe.training.compiling import try_compile
-from sectional_moe.training.optim import build_optimizer, decayed_names, lr_multiplier
+from sectional_moe.training.optim import build_optimizer, clip_grad_norm_in_optimizer, clips_in_optimizer, decayed_names, lr_multiplier
 from sectional_moe.training.rng import RNG_KEY, gather_rng_states, restore_rng_state
 
 log = logging.getLogger(__name__)
@@ -263,19 +263,28 @@ class LMModule(pl.LightningModule):
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:
-        """Clip as Lightning does, also for a fused AdamW under bf16-mixed.
+        """Clip as Lightning does, but inside the fused AdamW where possible, also under bf16-mixed.
 
-        Lightning's mixed-precision plugin refuses to clip any optimiser that could unscale
-        gradients itself (fused AdamW), which is right for fp16 with a grad scaler but not for bf16,
-        which has none: there the plain clipping of the base plugin is exact.
+        * Norm clipping of a fused AdamW with replicated parameters (one device or DDP) and no
+          grad scaler: :func:`~sectional_moe.training.optim.clip_grad_norm_in_optimizer` (the
+          same result without a pass over every gradient).
+        * Lightning's mixed-precision plugin refuses to clip any optimiser that could unscale
+          gradients itself, which is right for fp16's grad scaler but not for bf16, which has none:
+          there the base plugin's plain clipping is exact.
         """
         from lightning.pytorch.plugins.precision import Precision
+        from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
+        optimizer.__dict__.pop("grad_scale", None)  # last step's factor never leaks into this one
         plugin = self.trainer.precision_plugin
-        if gradient_clip_val and getattr(plugin, "scaler", "absent") is None:
-            Precision.clip_gradients(plugin, optimizer, gradient_clip_val, gradient_clip_algorithm)  # type: ignore[arg-type]
+        if getattr(plugin, "scaler", None) is not None or not gradient_clip_val:  # fp16 scaler: Lightning's rules
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
             return
-        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        replicated = isinstance(self.trainer.strategy, (SingleDeviceStrategy, DDPStrategy))
+        if replicated and str(gradient_clip_algorithm or "norm") == "norm" and clips_in_optimizer(optimizer):
+            clip_grad_norm_in_optimizer(optimizer, float(gradient_clip_val))
+            return
+        Precision.clip_gradients(plugin, optimizer, gradient_clip_val, gradient_clip_algorithm)  # type: ignore[arg-type]
 
     def configure_optimizers(self):
         o = self.hparams.optim

@@ -90,3 +90,30 @@ def build_optimizer(model: "nn.Module", cfg: Mapping[str, Any], device_type: str
     else:
         kwargs["foreach"] = True
     return torch.optim.AdamW(param_groups(model, cfg["weight_decay"], decay_names), **kwargs)
+
+
+def clips_in_optimizer(optimizer: "torch.optim.Optimizer") -> bool:
+    """Can ``optimizer`` apply the clipping factor inside its own update (a fused Adam/AdamW)?"""
+    import torch
+
+    return isinstance(optimizer, torch.optim.Adam | torch.optim.AdamW) and bool(optimizer.defaults.get("fused"))
+
+
+def clip_grad_norm_in_optimizer(optimizer: "torch.optim.Optimizer", max_norm: float) -> "torch.Tensor":
+    """``clip_grad_norm_`` for a fused Adam/AdamW, without rewriting the gradients.
+
+    Computes the total gradient norm as ``clip_grad_norm_`` does and hands the clipping factor to
+    the optimizer's fused kernel, which divides every gradient by its ``grad_scale`` as it reads it
+    (the hook mixed-precision grad scalers use). The result equals clipping, up to rounding, but
+    saves a read-and-write pass over every gradient: with the 60 M parameters of a 16-expert
+    token MoE that pass cost a tenth of a CPU training step. The factor is set anew every step;
+    call only with replicated (not sharded) parameters, whose local norm is the global one.
+    Returns the total norm (before clipping).
+    """
+    import torch
+
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    # clip_grad_norm_ multiplies by min(1, max_norm / (total + 1e-6)); the kernel divides by its inverse
+    optimizer.grad_scale = torch.clamp((total + 1e-6) / max_norm, min=1.0).to(torch.float32)  # type: ignore[attr-defined]
+    return total
