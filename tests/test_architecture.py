@@ -39,8 +39,8 @@ ALLOWED: dict[str, set[str]] = {
     "evaluation": {"models", "data", "runs", "device", "errors"},
     "theory": {"models", "errors"},
     "report": {"runs", "tracking", "models", "theory", "errors", "files", "secrets"},
-    "studies": {"cluster", "training", "models", "runs", "hardware", "resolvers", "errors", "files"},
-    "bench": {"training", "callbacks", "models", "runs", "hardware", "device", "files", "errors"},
+    "studies": {"cluster", "training", "models", "runs", "hardware", "device", "resolvers", "errors", "files"},
+    "bench": {"training", "callbacks", "models", "runs", "hardware", "device", "files", "errors", "report"},
     "launch": {"cluster"},
 }
 #: entry-point modules allowed one more part than their package (module -> parts)

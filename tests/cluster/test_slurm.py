@@ -295,7 +295,7 @@ def test_relaunch_submits_only_unfinished_jobs(runs: ClusterRuns) -> None:
     # the dead job ran again and resumed from the checkpoint its SIGTERM saved
     run_dir = run_dir_of(runs.sweep_dir, *DEAD)
     assert_resumed_continuously(run_dir)
-    assert "Restoring states from the checkpoint path at" in job_logs(runs.sweep_dir, run_dir)
+    assert "resuming " in job_logs(runs.sweep_dir, run_dir) and "last.ckpt at step" in job_logs(runs.sweep_dir, run_dir)
 
 
 def test_external_requeue_resumes_from_own_checkpoint(runs: ClusterRuns) -> None:
@@ -303,7 +303,7 @@ def test_external_requeue_resumes_from_own_checkpoint(runs: ClusterRuns) -> None
     assert run_dir is not None and runs.interrupted_at["requeue"] > 0
     assert_resumed_continuously(run_dir)
     logs = job_logs(runs.sweep_dir, run_dir)
-    assert "Restoring states from the checkpoint path at" in logs and "last.ckpt" in logs
+    assert "resuming " in logs and "last.ckpt at step" in logs
     # the same W&B run (deterministic id) is continued by the second attempt
     offline = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
     assert len(offline) == 2 and len({name.rsplit("-", 1)[1] for name in offline}) == 1, offline
@@ -318,7 +318,7 @@ def test_signal_checkpoints_and_submitit_requeues(runs: ClusterRuns, name: str, 
     logs = job_logs(runs.sweep_dir, run_dir)
     assert f"received {sig}: saving a checkpoint after this step" in logs, logs[-3000:]
     assert "preemption checkpoint at step" in logs and "Requeued job" in logs, logs[-3000:]  # submitit requeued it
-    assert "Restoring states from the checkpoint path at" in logs
+    assert "resuming " in logs and "last.ckpt at step" in logs
     assert_resumed_continuously(run_dir)
     offline = sorted(p.name for p in (run_dir / "wandb").glob("offline-run-*"))
     assert len(offline) == 2 and len({n.rsplit("-", 1)[1] for n in offline}) == 1, offline

@@ -184,3 +184,21 @@ def test_a_bad_tuning_or_seed_setting_names_the_key(tmp_path, monkeypatch):
                                        "scales: {cpu: []}\ntune: nosuch\n")
     with pytest.raises(ConfigError, match="no tuning stage 'nosuch'"):
         catalog.load_study("bad")
+
+
+def test_cpu_studies_share_one_precision_decided_once_per_machine(tmp_path, monkeypatch):
+    """precision=auto races bf16 against fp32 per process; a study's jobs get one recorded choice."""
+    import sectional_moe.device as device
+
+    calls = []
+
+    def choose(trainer):
+        calls.append(dict(trainer))
+        return device.PrecisionChoice("bf16-mixed" if len(calls) == 1 else "32-true", f"probe {len(calls)}")
+
+    monkeypatch.setattr(device, "choose_precision", choose)
+    first = runner.pinned_precision([], parallel=2, log_dir=tmp_path)
+    again = runner.pinned_precision(["seed=1"], parallel=2, log_dir=tmp_path)  # a later study or a resume
+    assert first == again == "trainer.precision=bf16-mixed" and len(calls) == 1
+    assert json.loads((tmp_path / "studies" / "precision-cpu.json").read_text())["reason"] == "probe 1"
+    assert runner.pinned_precision(["trainer.precision=32-true"], 1, tmp_path) == "trainer.precision=32-true"

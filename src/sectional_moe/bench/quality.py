@@ -11,7 +11,7 @@ directories (every ``DONE`` run under the given directories), groups them by swe
 * a verdict, *within seed noise*: the paired difference's 95 % CI contains 0, or the difference is
   smaller than the fp32 seeds' own standard deviation.
 
-Imports: :mod:`sectional_moe.runs` (the run directory), scipy (t quantiles).
+Imports: :mod:`sectional_moe.report` (the runs as the report reads them, its t-interval and verdict).
 """
 
 from __future__ import annotations
@@ -19,53 +19,36 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import math
-import statistics
 import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from sectional_moe.files import REPO_ROOT, atomic_write
-from sectional_moe.runs.layout import RunDir
+from sectional_moe.report.replicates import INTERVAL, t_interval, verdict
+from sectional_moe.report.sources.run_dirs import iter_run_dirs
 
 PRECISIONS = ("32-true", "bf16-mixed")
 METRICS = ("val/ppl", "test/ppl")
-
-
-def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float] | None:
-    """(mean, low, high): the Student-t confidence interval of the mean (None with fewer than 2 values)."""
-    from scipy import stats
-
-    if len(values) < 2:
-        return None
-    mean = statistics.fmean(values)
-    half = float(stats.t.ppf(0.5 + level / 2, len(values) - 1)) * statistics.stdev(values) / math.sqrt(len(values))
-    return mean, mean - half, mean + half
 
 
 def finished_runs(roots: Iterable[Path]) -> list[dict[str, Any]]:
     """Every finished run under ``roots``: its group (sweep directory name), precision, seed and metrics."""
     out = []
     for root in roots:
-        for marker in sorted(Path(root).rglob("DONE")):
-            rd = RunDir(marker.parent)
-            identity_path = rd.identity_file
-            identity = json.loads(identity_path.read_text()) if identity_path.is_file() else {}
-            metrics = rd.final_metrics()
-            precision = str(identity.get("trainer.precision", "?"))
-            if precision not in PRECISIONS:
+        _, records = iter_run_dirs(Path(root))
+        for r in records:
+            precision = str(r.config.get("trainer.precision"))
+            if r.state != "done" or precision not in PRECISIONS:
                 continue
-            out.append({"group": rd.path.parent.name, "run": rd.name, "precision": precision,
-                        "seed": int(identity.get("seed", -1)) if "seed" in identity else _seed_of(rd.name),
-                        **{m: metrics.get(m) for m in METRICS}})
+            out.append({"group": Path(r.path).parent.name, "run": r.name, "precision": precision,
+                        "seed": int(r.config["seed"]), **{m: r.final.get(m) for m in METRICS}})
     return out
 
 
-def _seed_of(name: str) -> int:
-    for part in name.split(","):
-        if part.startswith("seed="):
-            return int(part.split("=", 1)[1])
-    return -1
+def _interval(values: list[float]) -> dict[str, Any]:
+    ci = t_interval(values)
+    return {"values": values, "n": ci["n"], "mean": ci["mean"], "sd": ci["sd"],
+            "ci95": None if ci["ci_lo"] is None else [ci["ci_lo"], ci["ci_hi"]]}
 
 
 def compare(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -78,26 +61,16 @@ def compare(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         entry: dict[str, Any] = {"group": group}
         for metric in METRICS:
             by_prec = {p: {r["seed"]: r[metric] for r in rs if r["precision"] == p and r[metric] is not None} for p in PRECISIONS}
-            stats_m: dict[str, Any] = {}
-            for p, seeds in by_prec.items():
-                vals = [seeds[s] for s in sorted(seeds)]
-                ci = t_interval(vals)
-                stats_m[p] = {"seeds": sorted(seeds), "values": vals, "n": len(vals),
-                              "mean": statistics.fmean(vals) if vals else None,
-                              "sd": statistics.stdev(vals) if len(vals) > 1 else None,
-                              "ci95": [ci[1], ci[2]] if ci else None}
+            stats_m: dict[str, Any] = {p: {"seeds": sorted(seeds), **_interval([seeds[s] for s in sorted(seeds)])}
+                                       for p, seeds in by_prec.items()}
             paired = sorted(set(by_prec["32-true"]) & set(by_prec["bf16-mixed"]))
-            diffs = [by_prec["bf16-mixed"][s] - by_prec["32-true"][s] for s in paired]
-            ci = t_interval(diffs)
-            sd32 = stats_m["32-true"]["sd"]
-            within = None
-            if ci is not None:
-                within = (ci[1] <= 0.0 <= ci[2]) or (sd32 is not None and abs(ci[0]) < sd32)
-            stats_m["paired_difference"] = {"seeds": paired, "values": diffs, "mean": statistics.fmean(diffs) if diffs else None,
-                                            "ci95": [ci[1], ci[2]] if ci else None,
-                                            "relative_mean": (statistics.fmean(diffs) / stats_m["32-true"]["mean"]
-                                                              if diffs and stats_m["32-true"]["mean"] else None),
-                                            "within_seed_noise": within}
+            d = {"seeds": paired, **_interval([by_prec["bf16-mixed"][s] - by_prec["32-true"][s] for s in paired])}
+            ref_mean, sd32 = stats_m["32-true"]["mean"], stats_m["32-true"]["sd"]
+            d["relative_mean"] = d["mean"] / ref_mean if d["mean"] is not None and ref_mean else None
+            d["verdict"] = verdict(*(d["ci95"] or (None, None)), d["n"], metric)
+            d["within_seed_noise"] = (None if d["ci95"] is None else
+                                      d["ci95"][0] <= 0.0 <= d["ci95"][1] or (sd32 is not None and abs(d["mean"]) < sd32))
+            stats_m["paired_difference"] = d
             entry[metric] = stats_m
         out.append(entry)
     return out
@@ -112,8 +85,8 @@ def to_markdown(report: dict[str, Any]) -> str:
     lines = ["# bf16-mixed vs fp32: validation perplexity (issue 17)", "",
              f"- written {report['date']} by `{report['command']}`",
              "- runs: " + ", ".join(f"`{r}`" for r in report["roots"]),
-             "- interval: **Student-t 95 % confidence interval of the mean over seeds** (n - 1 degrees of freedom); "
-             "the paired difference is bf16 - fp32 of the same seed (same initialisation and data order).",
+             f"- interval: **{INTERVAL}** over seeds; the paired difference is bf16 - fp32 of the same seed "
+             "(same initialisation and data order).",
              "- within seed noise: the paired difference's 95 % CI contains 0, or |mean difference| < the fp32 seeds' "
              "standard deviation.", ""]
     for note in report.get("notes", []):
@@ -127,16 +100,16 @@ def to_markdown(report: dict[str, Any]) -> str:
                 interval = "–" if not s["ci95"] else f"[{_f(s['ci95'][0])}, {_f(s['ci95'][1])}]"
                 lines.append(f"| {e['group']} | {p} | {s['n']} | {', '.join(_f(v) for v in s['values'])} | {_f(s['mean'])} | "
                              f"{interval} | {_f(s['sd'])} |")
-        lines += ["", "| group | paired bf16 - fp32 per seed | mean | 95 % CI | relative | within seed noise |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["", "| group | paired bf16 - fp32 per seed | mean | 95 % CI | relative | verdict (bf16) | within seed noise |",
+                  "|---|---|---|---|---|---|---|"]
         for e in report["groups"]:
             d = e[metric]["paired_difference"]
             ci = d["ci95"]
-            verdict = "–" if d["within_seed_noise"] is None else ("yes" if d["within_seed_noise"] else "**no**")
+            within = "–" if d["within_seed_noise"] is None else ("yes" if d["within_seed_noise"] else "**no**")
             interval = "–" if not ci else f"[{_f(ci[0], '+.2f')}, {_f(ci[1], '+.2f')}]"
             relative = _f(None if d["relative_mean"] is None else 100 * d["relative_mean"], "+.1f")
             lines.append(f"| {e['group']} | {', '.join(_f(v, '+.2f') for v in d['values'])} | {_f(d['mean'], '+.2f')} | "
-                         f"{interval} | {relative} % | {verdict} |")
+                         f"{interval} | {relative} % | {d['verdict']} | {within} |")
     return "\n".join(lines) + "\n"
 
 

@@ -252,6 +252,8 @@ def run(study: Study, scale: str, extra: list[str], report_out: Path | None, par
     ``<sweep dir>/logs/``. Every job still lands in the study's one sweep directory and W&B group.
     """
     worst, tuned = 0, None
+    if scale == "cpu":
+        extra = [*extra, pinned_precision(extra, parallel)]
     if study.tune is not None:  # the tuning stage first: its winners go into the main sweeps
         tune_dir = REPO_ROOT / "outputs" / TASK_NAME / "multirun" / study.tune_group(scale)
         worst = _launch(train_commands(study, scale, extra, parallel, stage="tune"), parallel, tune_dir / "logs")
@@ -271,6 +273,34 @@ def run(study: Study, scale: str, extra: list[str], report_out: Path | None, par
     if report_out is not None:
         worst = max(worst, _report(sweep_dir(study, scale), report_out, study.metric, study.report.get("args", [])))
     return worst
+
+
+def pinned_precision(extra: list[str], parallel: int, log_dir: Path = REPO_ROOT / "outputs") -> str:
+    """The ``trainer.precision=`` override every CPU-scale study job gets, decided once per machine.
+
+    ``precision=auto`` on a CPU with AVX512-BF16 races bf16 against fp32 matmuls in each process,
+    and the winner can flip with the machine's momentary load; the runs of one study (and the
+    tuning runs whose winners it uses) must share one precision to be comparable. The first
+    study run resolves ``auto`` once and records it in ``<log_dir>/studies/precision-cpu.json``;
+    every later run and resumed study reuses it. An explicit ``trainer.precision=`` wins.
+    """
+    given = next((o for o in extra if o.lstrip("+").startswith("trainer.precision=")), None)
+    if given is not None:
+        return given
+    record = log_dir / TASK_NAME / "precision-cpu.json"
+    if record.exists():
+        pinned = json.loads(record.read_text())
+    else:
+        import torch
+
+        from sectional_moe.device import choose_precision
+
+        torch.set_num_threads(1 if parallel > 1 else torch.get_num_threads())  # as the jobs will run
+        choice = choose_precision({"accelerator": "cpu", "precision": "auto"})
+        pinned = {"precision": choice.precision, "reason": choice.reason, "threads": torch.get_num_threads()}
+        atomic_write(record, json.dumps(pinned, indent=1))
+    print(f"study precision: {pinned['precision']} ({pinned['reason']}; pinned in {record}, delete it to decide again)", flush=True)
+    return f"trainer.precision={pinned['precision']}"
 
 
 def _report(source: Path, out: Path, metric: str, args: list[str]) -> int:

@@ -66,6 +66,9 @@ def try_compile(model: nn.Module, trial: Callable[[nn.Module], torch.Tensor]) ->
     reason = inductor_preflight()
     if reason is not None:
         return CompileResult(None, time.perf_counter() - start, f"Inductor cannot build kernels here ({reason})")
+    from torch._dynamo.utils import counters
+
+    graphs_before = counters["stats"]["unique_graphs"]
     compiled = torch.compile(model, dynamic=False)
     try:
         loss = trial(compiled)
@@ -74,4 +77,8 @@ def try_compile(model: nn.Module, trial: Callable[[nn.Module], torch.Tensor]) ->
     except Exception as err:  # noqa: BLE001 - any failure means: stay eager
         torch._dynamo.reset()
         return CompileResult(None, time.perf_counter() - start, first_line(err))
+    if counters["stats"]["unique_graphs"] == graphs_before:  # Dynamo silently ran the trial eagerly
+        limit = torch._dynamo.config.recompile_limit
+        return CompileResult(None, time.perf_counter() - start,
+                             f"Dynamo compiled no graph (its limit of {limit} compiled versions per function was reached?)")
     return CompileResult(compiled, time.perf_counter() - start)

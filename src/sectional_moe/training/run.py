@@ -272,6 +272,8 @@ def train(cfg: DictConfig, *, held: contextlib.ExitStack | None = None, record: 
         check_compatible(ckpt_state, spec.to_dict(), str(ckpt_path))
         resume_step = int(ckpt_state.get("global_step", 0))
         checkpoint_io.preload(str(ckpt_path), ckpt_state)  # Lightning gets the verified copy, no second read
+        if env.is_rank_zero():  # also in a sweep job, where Lightning's own "Restoring states" is silenced
+            print(f"resuming {run.name} from {ckpt_path} at step {resume_step}", flush=True)
         ckpt_state = None
     module = LMModule(spec.to_dict(), OmegaConf.to_container(cfg.optim, resolve=True), int(cfg.trainer.max_steps), resolve_compile(cfg),
                       compile_rule=OmegaConf.to_container(cfg.compile_rule, resolve=True) if cfg.get("compile_rule") else None)
