@@ -489,3 +489,24 @@ def test_what_each_pre_expert_reading_lets_a_position_see(resolution, sees_in_gr
     assert (grad[6] > 0) == sees_in_group_predecessor and (grad[5] > 0) == sees_in_group_predecessor
     assert grad[4] > 0 and grad[7] > 0  # the group's last token (pooled) and the token itself (residual)
     assert torch.all(grad[8:] == 0)  # never a later token
+
+
+@pytest.mark.parametrize("n_tokens, top_k", [(1, 1), (1, 2), (2, 2), (4, 2)])
+def test_the_few_token_expert_path_of_decoding_equals_the_grouped_gemm(n_tokens, top_k):
+    """Decoding's per-assignment path (fewer assignments than experts, no grad) gives the grouped
+    GEMM's output, repeated expert ids included."""
+    torch.manual_seed(0)
+    ffn = ExpertFFN(num_experts=8, dim=16, hidden=24)
+    x = torch.randn(n_tokens, 16)
+    ids = torch.randint(0, 8, (n_tokens, top_k))
+    ids[0, -1] = ids[-1, 0]  # two assignments to one expert
+    weights = torch.rand(n_tokens, top_k)
+    counts = torch.bincount(ids.reshape(-1), minlength=8)
+    with torch.no_grad():
+        few, _ = ffn.forward_routed(x, ids, weights, counts)
+        try:
+            ExpertFFN.few_token_path = False
+            grouped, _ = ffn.forward_routed(x, ids, weights, counts)
+        finally:
+            ExpertFFN.few_token_path = True
+    torch.testing.assert_close(few, grouped, rtol=1e-5, atol=1e-6)

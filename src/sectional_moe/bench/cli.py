@@ -72,12 +72,12 @@ def run_benchmark(settings: BenchSettings, progress: Callable[[str], None] | Non
 
     device = pick_device(settings.device)
     torch.set_flush_denormal(True)  # as train.py: denormal gradients slow CPU matmuls severalfold
-    import torch._dynamo
+    from torch._dynamo import config as dynamo_config
 
     # every compiled runner is another model through the same forward code; Dynamo's default of 8
     # compiled versions per function would silently run the later ones eagerly
-    torch._dynamo.config.recompile_limit = 256
-    torch._dynamo.config.accumulated_recompile_limit = 4096
+    dynamo_config.recompile_limit = 256
+    dynamo_config.accumulated_recompile_limit = 4096
     if settings.threads:
         torch.set_num_threads(settings.threads)
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)

@@ -72,6 +72,10 @@ class ExpertFFN(nn.Module):
         """x (E, N, d) -> (E, N, d); slice e of every item through expert e."""
         return torch.bmm(swiglu_fused(torch.bmm(x_END, self.w13)), self.w2)  # (E, N, 2F) -> (E, N, F) -> (E, N, d)
 
+    #: inference with fewer assignments than experts goes through :meth:`_forward_few` (off: always
+    #: the grouped GEMM; the benchmark of decoding compares both)
+    few_token_path = True
+
     def _forward_few(self, x_Nd: torch.Tensor, flat_ids: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
         """Inference with fewer assignments than experts (decoding: one token a step): each
         assignment through its own expert's weights, views, no copies, instead of sorting and a
@@ -101,7 +105,7 @@ class ExpertFFN(nn.Module):
         """
         N, K = ids_NK.shape
         flat_ids = ids_NK.reshape(-1)  # (N*K,)
-        if (capacity_factor is None and N * K <= self.num_experts and not torch.is_grad_enabled()
+        if (self.few_token_path and capacity_factor is None and N * K <= self.num_experts and not torch.is_grad_enabled()
                 and not torch.compiler.is_compiling()):
             return self._forward_few(x_Nd, flat_ids, weights_NK), torch.zeros((), device=x_Nd.device)
         if capacity_factor is not None and priority_N is not None:
