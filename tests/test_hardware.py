@@ -55,6 +55,7 @@ def test_override_wins_over_table_and_probe(tmp_path):
 
 def test_cpu_peak_is_probed_once_then_read_from_the_machine_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(hardware, "load_average", lambda: 0.0)  # a quiet machine, whatever this one is doing
+    monkeypatch.setattr(hardware.CpuLoadMeter, "sample", lambda self: None)
     first = peak_flops("cpu", "32-true", cache_dir=tmp_path)
     path = hardware.probe_cache_file(tmp_path)
     assert first.source == f"cpu-probe:{path}" and path.parent == tmp_path / "hardware"
@@ -69,7 +70,9 @@ class FakeProbe:
     def __init__(self, monkeypatch) -> None:
         self.rates: list[float] = []
         self.calls, self.load, self.cores, self.threads = 0, 0.0, 4, 2
+        self.foreign: float | None = None  # other processes' busy cores during the probe (None: no /proc/stat)
         monkeypatch.setattr(hardware, "measure_matmul_flops", self._measure)
+        monkeypatch.setattr(hardware.CpuLoadMeter, "sample", lambda meter: self.foreign)
         monkeypatch.setattr(hardware, "load_average", lambda: self.load)
         monkeypatch.setattr(hardware, "usable_cores", lambda: self.cores)
         monkeypatch.setattr(hardware.torch, "get_num_threads", lambda: self.threads)
@@ -147,3 +150,16 @@ def test_cpu_probe_entries_of_the_old_format_are_probed_again(tmp_path, monkeypa
 
 
 # ---------------------------------------------------------------------------------------------- throughput
+
+
+def test_the_probe_trusts_what_other_processes_did_during_it_over_the_load_average(tmp_path, monkeypatch):
+    """A first run's load average counts its own tokenising and the install before it; other
+    processes' CPU time during the probe decides whether the rate is trusted."""
+    probe = FakeProbe(monkeypatch)
+    probe.load, probe.foreign = 3.5, 0.1  # our own recent work, nobody else on the cores
+    assert probe.peak(tmp_path, rate=100e9) == 100e9
+    entry = json.loads(hardware.probe_cache_file(tmp_path).read_text())["probes"]["fp32@2threads"]
+    assert entry["under_load"] is False and entry["foreign_busy_cores"] == 0.1
+    probe.threads, probe.load, probe.foreign = 4, 0.0, 2.0  # a quiet load average, but two busy cores now
+    probe.peak(tmp_path, rate=80e9)
+    assert json.loads(hardware.probe_cache_file(tmp_path).read_text())["probes"]["fp32@4threads"]["under_load"] is True

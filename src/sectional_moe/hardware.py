@@ -10,8 +10,10 @@ Three sources, in order of precedence (:func:`peak_flops` returns the value and 
 
 A CPU probe taken while other processes compete for the cores measures a fraction of the peak and
 inflates every MFU computed from it (a loaded probe once gave committed results an MFU of ~0.9).
-So each cache entry records the 1-minute load average, the usable cores and the thread count
-it was measured with, and an entry taken under load (:func:`heavy_load`) is *not trusted*: the
+So each cache entry records the cores other processes kept busy during the probe (from
+``/proc/stat``; the 1-minute load average where that is missing, which also counts this process's
+own recent work), the usable cores and the thread count it was measured with, and an entry taken
+under load (:func:`heavy_load`) is *not trusted*: the
 next run probes again and keeps the better of the two measurements (a peak can only be
 under-measured), until a probe on a quiet machine settles it.
 
@@ -357,8 +359,12 @@ def cpu_probe(dtype: str, cache_dir: str | os.PathLike | None) -> Peak:
         if _trusted(old, threads):
             return Peak(float(old["flops_per_s"]), f"cpu-probe:{path}")
     cores, load = usable_cores(), load_average()
-    loaded = heavy_load(load, cores, threads)
+    meter = CpuLoadMeter()
     flops = measure_matmul_flops(dtype)
+    foreign = meter.sample()
+    # the load average also counts this process's own recent work (a first run's tokenising, the
+    # pip install before it); the other processes' CPU time during the probe is the better witness
+    loaded = heavy_load(load if foreign is None else foreign, cores, threads)
     comparable = old.get("shape") == list(PROBE_SHAPE) and old.get("threads") == threads
     kept = max(flops, float(old["flops_per_s"])) if comparable and "flops_per_s" in old else flops
     _log_probe(dtype, flops, kept, threads, cores, load, loaded)
@@ -368,7 +374,7 @@ def cpu_probe(dtype: str, cache_dir: str | os.PathLike | None) -> Peak:
     cached.setdefault("hostname", socket.gethostname())
     cached.setdefault("probes", {})[entry] = {
         "flops_per_s": kept, "last_probe_flops_per_s": flops, "shape": list(PROBE_SHAPE), "threads": threads,
-        "cores": cores, "loadavg_1m": load, "under_load": loaded, "torch": torch.__version__,
+        "cores": cores, "loadavg_1m": load, "foreign_busy_cores": foreign, "under_load": loaded, "torch": torch.__version__,
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
     atomic_write(path, json.dumps(cached, indent=1, sort_keys=True))  # concurrent jobs read it
