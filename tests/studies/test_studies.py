@@ -161,12 +161,16 @@ def test_a_tuning_stage_runs_one_sweep_per_point_in_the_shared_group_and_picks_t
     directory = tmp_path / runner.TASK_NAME / "multirun" / study.tune_group("cpu")
     losses = {"0.002": 4.1, "0.0035": 3.9, "0.005": 3.8, "0.007": 3.85, "0.01": 4.4}
     point = study.tune.points[0]
-    for job in expand_sweep(study.tune.line(point, "cpu").split()):
-        overrides = study.scale_overrides("cpu") + job
-        run = RunDir(directory / runner.sweep_table(directory, [overrides], [], 0)[0]["dir"].rsplit("/", 1)[-1])
+    pinned = ["trainer.precision=32-true"]  # the study's own overrides (runner.pinned_precision) go into every job
+    for i, job in enumerate(expand_sweep(study.tune.line(point, "cpu").split())):
+        launched = [f"task_name={runner.TASK_NAME}", f"group={study.tune_group('cpu')}"] + study.scale_overrides("cpu") + job + pinned
+        run = RunDir(directory / f"job-{i}")  # found by what Hydra recorded, whatever the directory name
+        run.hydra_overrides.parent.mkdir(parents=True)
+        run.hydra_overrides.write_text("".join(f"- {o}\n" for o in launched))
         lr = next(o.split("=", 1)[1] for o in job if o.startswith("optim.lr="))
         run.mark_done({"val/loss_best": losses[lr]}, {})
-    results = runner.tuning_results(study, "cpu", log_dir=tmp_path)
+    assert runner.tuning_results(study, "cpu", log_dir=tmp_path)["points"]["dense"]["winner"] is None  # other jobs
+    results = runner.tuning_results(study, "cpu", log_dir=tmp_path, extra=pinned)
     assert results["points"]["dense"]["winner"] == "0.005"
     assert results["points"]["dense"]["val_loss_best"] == losses
     assert results["points"]["moe"]["winner"] is None and len(results["points"]["moe"]["missing"]) == 5

@@ -19,7 +19,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from sectional_moe import resolvers
 from sectional_moe.cluster.sweeps import expand_sweep, sweep_table
@@ -150,13 +150,17 @@ def train_commands(study: Study, scale: str, extra: list[str], parallel: int = 1
 
 
 TUNING_FILE = "tuning.json"
+#: keys Hydra leaves out of a job's directory name (conf/hydra/default.yaml, override_dirname)
+DIRNAME_EXCLUDED = ("seed", "group", "task_name")
 
 
-def tuning_results(study: Study, scale: str, log_dir: Path = REPO_ROOT / "outputs") -> dict[str, Any]:
+def tuning_results(study: Study, scale: str, log_dir: Path = REPO_ROOT / "outputs", extra: Sequence[str] = ()) -> dict[str, Any]:
     """Each tuning point's best validation loss per value of the tuned key, and its winner.
 
-    Read from the tuning jobs' run directories (the shared tuning sweep directory); a point whose
-    jobs have not all finished has no winner yet (``winner: None``, with the missing values).
+    Read from the tuning jobs' run directories (the shared tuning sweep directory), each found by
+    the overrides it was launched with (``extra``: the study's own, e.g. the pinned precision); a
+    point whose jobs have not all finished has no winner yet (``winner: None``, with the missing
+    values).
     """
     assert study.tune is not None
     tune = study.tune
@@ -164,9 +168,11 @@ def tuning_results(study: Study, scale: str, log_dir: Path = REPO_ROOT / "output
     out: dict[str, Any] = {"param": tune.param, "group": study.tune_group(scale), "values": tune.values,
                            "overrides": tune.overrides.get(scale, tune.overrides.get("*", [])), "points": {}}
     for point in tune.points:
-        jobs = [study.scale_overrides(scale) + job for job in expand_sweep(shlex.split(tune.line(point, scale)))]
+        launched = [f"task_name={TASK_NAME}", f"group={study.tune_group(scale)}"]  # as train_commands launches them
+        jobs = [launched + study.scale_overrides(scale) + job + list(extra)
+                for job in expand_sweep(shlex.split(tune.line(point, scale)))]
         losses, missing = {}, []
-        for job, row in zip(jobs, sweep_table(directory, jobs, [], tune.seed)):
+        for job, row in zip(jobs, sweep_table(directory, jobs, list(DIRNAME_EXCLUDED), tune.seed)):
             value = next(o.split("=", 1)[1] for o in job if o.startswith(f"{tune.param}="))
             best = RunDir(row["dir"]).final_metrics().get("val/loss_best") if row["state"] == "done" else None
             if best is None:
@@ -257,7 +263,7 @@ def run(study: Study, scale: str, extra: list[str], report_out: Path | None, par
     if study.tune is not None:  # the tuning stage first: its winners go into the main sweeps
         tune_dir = REPO_ROOT / "outputs" / TASK_NAME / "multirun" / study.tune_group(scale)
         worst = _launch(train_commands(study, scale, extra, parallel, stage="tune"), parallel, tune_dir / "logs")
-        results = tuning_results(study, scale)
+        results = tuning_results(study, scale, extra=extra)
         tuned = winners(results)
         unfinished = [name for name, p in results["points"].items() if p["winner"] is None]
         if unfinished:
