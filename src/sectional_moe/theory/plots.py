@@ -211,23 +211,26 @@ def isoflop_figure(results: list[IsoflopResult], runs: pd.DataFrame) -> Any:
         if a1.get("N_opt"):
             env = a1["envelope"]
             px.plot(env["C"], env["N"], ":", color=color, lw=1, label=f"{r.family}: envelope winners (Approach 1), a = {a1['N_opt']['exponent']:.3f}")
-    ax.set_xscale("log")
-    ax.set_xlabel("N (parameters, log)")
-    ax.set_ylabel("loss (nats/token)")
-    ax.set_title("IsoFLOP profiles: parabola in ln N per budget (Hoffmann Approach 2)", fontsize=9)
+    _finish(ax, "N (parameters, log)", "loss (nats/token)",
+            "IsoFLOP profiles: parabola in ln N per budget (Hoffmann Approach 2)", logx=True)
+    has_fit = bool(px.get_legend_handles_labels()[0])
+    if not has_fit:
+        px.text(0.5, 0.5, "no IsoFLOP profile (>= 3 sizes at one budget)\nand no envelope of training curves:\nno N_opt(C) to fit",
+                ha="center", va="center", transform=px.transAxes, fontsize=9, color="0.3")
+    _finish(px, "training compute C = M·D (FLOPs, log)", "compute-optimal N (parameters, log)",
+            "N_opt(C): power law, 95 % bootstrap band (runs resampled within budgets)", logx=has_fit, logy=has_fit)
+    return fig
+
+
+def _finish(ax: Any, xlabel: str, ylabel: str, title: str, logx: bool = False, logy: bool = False) -> None:
+    """Scales, labels, a small title, a light grid, and a legend where something is labelled."""
+    if logx:
+        ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3, which="both")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
-    if not px.get_legend_handles_labels()[0]:
-        px.text(0.5, 0.5, "no IsoFLOP profile (>= 3 sizes at one budget)\nand no envelope of training curves:\nno N_opt(C) to fit",
-                ha="center", va="center", transform=px.transAxes, fontsize=9, color="0.3")
-    else:
-        px.set_xscale("log")
-        px.set_yscale("log")
-    px.set_xlabel("training compute C = M·D (FLOPs, log)")
-    px.set_ylabel("compute-optimal N (parameters, log)")
-    px.set_title("N_opt(C): power law, 95 % bootstrap band (runs resampled within budgets)", fontsize=9)
-    px.grid(alpha=0.3, which="both")
-    if px.get_legend_handles_labels()[0]:
-        px.legend(fontsize=7)
-    return fig
