@@ -206,3 +206,28 @@ def test_cpu_studies_share_one_precision_decided_once_per_machine(tmp_path, monk
     assert first == again == "trainer.precision=bf16-mixed" and len(calls) == 1
     assert json.loads((tmp_path / "studies" / "precision-cpu.json").read_text())["reason"] == "probe 1"
     assert runner.pinned_precision(["trainer.precision=32-true"], 1, tmp_path) == "trainer.precision=32-true"
+
+
+def test_a_terminated_study_runner_stops_its_sweeps_and_starts_nothing_more(tmp_path, monkeypatch):
+    """SIGTERM to the runner reaches every sweep it started (they checkpoint and exit), nothing
+    further starts, and the runner's exit code is 143: no sweep is left running as an orphan."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    monkeypatch.setattr(runner, "_STOPPED_BY", [])
+    pid_file = tmp_path / "child.pid"
+    child = ("import os, signal, sys, time; open(sys.argv[1], 'w').write(str(os.getpid()));"
+             "signal.signal(signal.SIGTERM, lambda *a: sys.exit(143)); time.sleep(60)")
+    timer = threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGTERM))
+    before = signal.getsignal(signal.SIGTERM)
+    with runner.children_stop_with_runner():
+        timer.start()
+        first = runner._call([sys.executable, "-c", child, str(pid_file)], stdout=subprocess.DEVNULL)
+        second = runner._call([sys.executable, "-c", f"open({str(tmp_path / 'started')!r}, 'w')"])
+    timer.join()
+    assert first == 143 and second == 143 and not (tmp_path / "started").exists() and not runner._CHILDREN
+    assert not os.path.exists(f"/proc/{pid_file.read_text()}")  # stopped and reaped
+    assert runner.stop_exit_code() == 143 and signal.getsignal(signal.SIGTERM) == before

@@ -230,7 +230,7 @@ class InterruptCheckpoint(pl.Callback):
 
     The handler only sets a flag (saving inside it could snapshot a half-applied step). One process
     acts at the next step; several agree on the step every :attr:`SYNC_EVERY` steps (one tiny
-    all-reduce, not one per step). A second Ctrl-C stops at once (the checkpoint
+    all-reduce, not one per step). A second Ctrl-C stops at once, a second SIGTERM changes nothing (the checkpoint
     of the last validation remains). During validation the stop waits for the validation to end;
     during testing (training is over and checkpointed) the run stops after the current batch.
     """
@@ -259,7 +259,11 @@ class InterruptCheckpoint(pl.Callback):
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         sig = signal.Signals(signum)
-        if self.received is not None:  # the second one: stop now
+        if self.received is not None and sig == signal.SIGTERM:
+            # a repeated SIGTERM (a process group signalled twice, a study runner forwarding what its
+            # sweeps also got) changes nothing: SIGKILL is the hard stop, as the first message says
+            return
+        if self.received is not None:  # a Ctrl-C after the first signal: stop now
             self._restore()
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt

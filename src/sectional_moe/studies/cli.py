@@ -16,7 +16,8 @@ from pathlib import Path
 from sectional_moe.errors import ConfigError
 from sectional_moe.files import REPO_ROOT
 from sectional_moe.studies.catalog import load_study, study_names
-from sectional_moe.studies.runner import dry_run, format_dry_run, resolve_parallel, run, train_commands
+from sectional_moe.studies.runner import (children_stop_with_runner, dry_run, format_dry_run, resolve_parallel, run,
+                                          stop_exit_code, train_commands)
 
 
 def _progress_printer():
@@ -72,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(" ".join(shlex.quote(c) for c in ["python", "train.py", *cmd[3:]]))
             return 0
         out = None if args.no_report else (args.report_dir or REPO_ROOT / "docs" / "results" / f"{study.name}-{args.scale}")
-        return run(study, args.scale, args.overrides, out, resolve_parallel(args.parallel, args.scale, study))
+        with children_stop_with_runner():
+            rc = run(study, args.scale, args.overrides, out, resolve_parallel(args.parallel, args.scale, study))
+        return stop_exit_code() or rc
     except ConfigError as err:
         print(f"Error: {err}", file=sys.stderr)
         return 2

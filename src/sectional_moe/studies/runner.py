@@ -16,8 +16,10 @@ import math
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -204,7 +206,7 @@ def _run_concurrently(commands: list[list[str]], parallel: int, log_dir: Path) -
               f"[{i}]   log: {log}", flush=True)
         start = time.monotonic()
         with log.open("w") as out:
-            rc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, stdout=out, stderr=subprocess.STDOUT).returncode
+            rc = _call(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
         print(f"[{i}] exit {rc} after {time.monotonic() - start:.0f} s", flush=True)
         return rc
 
@@ -309,11 +311,66 @@ def pinned_precision(extra: list[str], parallel: int, log_dir: Path = REPO_ROOT 
     return f"trainer.precision={pinned['precision']}"
 
 
+#: the sweeps and reports this process has running (stopped with it: :func:`children_stop_with_runner`)
+_CHILDREN: set[subprocess.Popen] = set()
+#: the signal that stopped the runner, once one did
+_STOPPED_BY: list[int] = []
+
+
+def _call(cmd: list[str], **kwargs: Any) -> int:
+    """Run ``cmd`` in the repository and return its exit code; nothing new starts once the runner
+    was told to stop (:func:`children_stop_with_runner`)."""
+    if _STOPPED_BY:
+        return 128 + _STOPPED_BY[0]
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, **kwargs)
+    _CHILDREN.add(proc)
+    try:
+        if _STOPPED_BY:  # stopped while this one was starting
+            proc.send_signal(signal.SIGTERM)
+        return proc.wait()
+    finally:
+        _CHILDREN.discard(proc)
+
+
+def stop_exit_code() -> int | None:
+    """128 + the signal that stopped the runner (143 for SIGTERM), or None."""
+    return 128 + _STOPPED_BY[0] if _STOPPED_BY else None
+
+
+@contextlib.contextmanager
+def children_stop_with_runner() -> Iterator[None]:
+    """SIGTERM to the study runner (``kill``, a batch system stopping the job) reaches its sweeps:
+    each gets one SIGTERM (train.py saves ``last.ckpt`` and records ``interrupted``; a repeated
+    SIGTERM changes nothing there), no further sweep or report starts, and the runner returns
+    when they have exited (:func:`stop_exit_code` then gives 143). Without this the sweeps would
+    run on as orphans and the same study started again would race them for the run directories.
+    A no-op outside the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        if _STOPPED_BY:
+            return
+        _STOPPED_BY.append(signum)
+        live = list(_CHILDREN)
+        print(f"study runner: SIGTERM, stopping {len(live)} sweep(s) after their current step; "
+              "the same command resumes them", file=sys.stderr, flush=True)
+        for proc in live:
+            proc.send_signal(signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _report(source: Path, out: Path, metric: str, args: list[str]) -> int:
     """``python -m sectional_moe.report SOURCE --out OUT --metric METRIC ARGS``; its exit code."""
     cmd = [sys.executable, "-m", "sectional_moe.report", str(source), "--out", str(out), "--metric", metric, *args]
     print("$", " ".join(shlex.quote(c) for c in cmd[1:]), flush=True)
-    return subprocess.run(cmd, cwd=REPO_ROOT).returncode
+    return _call(cmd)
 
 
 def _launch(commands: list[list[str]], parallel: int, log_dir: Path) -> int:
@@ -323,7 +380,7 @@ def _launch(commands: list[list[str]], parallel: int, log_dir: Path) -> int:
     worst = 0
     for cmd in commands:
         print("$", " ".join(shlex.quote(c) for c in cmd[1:]), flush=True)
-        worst = max(worst, subprocess.run(cmd, cwd=REPO_ROOT).returncode)
+        worst = max(worst, _call(cmd))
     return worst
 
 
