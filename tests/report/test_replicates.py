@@ -35,6 +35,23 @@ def test_configurations_pool_their_seeds_and_only_their_seeds():
     assert moe["n"] == 3 and moe["mean"] == 62 and moe["seeds"] == "0,1,2"
 
 
+def test_every_model_setting_a_study_varies_separates_configurations():
+    """The pre-expert readings, expert widths, capacity and depth pattern are configuration keys:
+    runs that differ in one of them are never pooled as seeds of one configuration."""
+    from sectional_moe.models.spec import ModelSpec
+    from sectional_moe.report.table import _spec_columns
+
+    base = dict(family="sectional", vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=192,
+                seq_len=64, experts=4, routing="segment_fixed")
+    readings = {r: _spec_columns(ModelSpec(**base, pre_expert_resolution=r), {}) for r in ("short", "full", "cross")}
+    assert {c["pre_expert_resolution"] for c in readings.values()} == {"short", "full", "cross"}
+    moe = _spec_columns(ModelSpec(**{**base, "family": "moe", "routing": "topk"}, expert_d_ff=48, capacity_factor=1.25), {})
+    assert (moe["expert_d_ff"], moe["capacity_factor"], moe["shared_expert"]) == (48, 1.25, False)
+    df = _runs([dict(family="sectional", routing="segment_fixed", experts=4, seed=s, val_ppl_best=70.0 + s,
+                     pre_expert_resolution=r) for r in ("short", "full") for s in range(2)])
+    assert sorted(aggregate(df, "val_ppl_best")["pre_expert_resolution"]) == ["full", "short"]
+
+
 def test_paired_differences_cancel_what_the_seeds_share_and_give_a_verdict():
     seed_effect = [5.0, -3.0, 8.0]  # large and shared: unpaired, the two would overlap
     df = _runs([dict(family="dense", seed=s, val_ppl_best=70 + e) for s, e in enumerate(seed_effect)]

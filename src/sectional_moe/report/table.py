@@ -44,8 +44,9 @@ STATES = ("done", "failed", "unfinished", "running", "not started")
 
 #: Columns of the tidy table, in display order (units in the names or in :data:`COLUMN_DOCS`).
 ID_COLUMNS = ("run", "run_id", "group", "task_name", "state", "error")
-CONFIG_COLUMNS = ("family", "size", "experts", "routing", "top_k", "seq_reduction", "seq_reduction_setting", "pre_expert",
-                  "seq_pool", "expert_attention", "merge_proj", "sectional_every", "seed", "d_model", "n_layers", "seq_len",
+CONFIG_COLUMNS = ("family", "size", "experts", "routing", "top_k", "expert_d_ff", "capacity_factor", "shared_expert",
+                  "seq_reduction", "seq_reduction_setting", "pre_expert", "pre_expert_resolution", "seq_pool",
+                  "expert_attention", "merge_proj", "sectional_every", "seed", "d_model", "n_layers", "d_ff", "seq_len",
                   "vocab_size", "batch_tokens", "max_steps", "lr")
 #: Config columns that are a function of others, so never a grouping key: r is E when the setting
 #: is "experts" (seq_reduction_setting carries the choice), and seeds/E are what a group spans.
@@ -64,7 +65,7 @@ TABLE_COLUMNS = ID_COLUMNS + CONFIG_COLUMNS + METRIC_COLUMNS + SOURCE_COLUMNS
 #: the error text: status.json has the exception, a W&B run only its exit code).
 SOURCE_SPECIFIC = ("source", "path", "error")
 
-INT_COLUMNS = ("experts", "top_k", "seq_reduction", "sectional_every", "seed", "d_model", "n_layers", "seq_len", "vocab_size",
+INT_COLUMNS = ("experts", "top_k", "expert_d_ff", "d_ff", "seq_reduction", "sectional_every", "seed", "d_model", "n_layers", "seq_len", "vocab_size",
                "batch_tokens", "max_steps", "steady_windows")
 STR_COLUMNS = ("run", "run_id", "group", "task_name", "state", "error", "family", "size", "routing", "seq_reduction_setting",
                "seq_pool", "mem_kind", "expert_frac", "source", "path")
@@ -78,7 +79,8 @@ COLUMN_DOCS: dict[str, str] = {
     "routing": "topk | hash | segment_fixed; 'none' for dense",
     "seq_reduction": "r, sequence shortening of sectional layers (sectional only)",
     "seq_reduction_setting": "model.seq_reduction as configured: 'experts' (r = E) or a fixed integer (sectional only)",
-    "pre_expert, seq_pool, expert_attention, merge_proj, sectional_every": "the sectional switches (model.*; sectional only)",
+    "pre_expert, pre_expert_resolution, seq_pool, expert_attention, merge_proj, sectional_every": "the sectional switches (model.*; sectional only)",
+    "expert_d_ff, capacity_factor, shared_expert": "expert width (empty: d_ff), token capacity (learned routing), shared expert (token MoE)",
     "batch_tokens": "tokens per optimiser step, all devices",
     "params_total": "all parameters, tied head counted once",
     "params_active": "non-embedding parameters a token's computation reads (the K routed experts, all of a sectional layer)",
@@ -270,10 +272,15 @@ def _spec_columns(spec: ModelSpec, c: Mapping[str, Any]) -> dict[str, Any]:
         "top_k": spec.top_k if rule is not None and rule.learned else None,
         "seq_reduction": spec.seq_reduction if sectional else None,
         "seq_reduction_setting": _seq_reduction_setting(c) if sectional else None,
-        "pre_expert": spec.pre_expert if sectional else None, "seq_pool": spec.seq_pool if sectional else None,
+        "expert_d_ff": spec.expert_d_ff if not dense else None,
+        "capacity_factor": spec.capacity_factor if not dense else None,
+        "shared_expert": spec.shared_expert if spec.family == "moe" else None,
+        "pre_expert": spec.pre_expert if sectional else None,
+        "pre_expert_resolution": spec.pre_expert_resolution if sectional and spec.pre_expert else None,
+        "seq_pool": spec.seq_pool if sectional else None,
         "expert_attention": spec.expert_attention if sectional else None,
         "merge_proj": spec.merge_proj if sectional else None, "sectional_every": spec.sectional_every if sectional else None,
-        "d_model": spec.d_model, "n_layers": spec.n_layers, "seq_len": spec.seq_len, "vocab_size": spec.vocab_size,
+        "d_model": spec.d_model, "n_layers": spec.n_layers, "d_ff": spec.d_ff, "seq_len": spec.seq_len, "vocab_size": spec.vocab_size,
     }
 
 
