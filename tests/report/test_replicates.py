@@ -39,7 +39,7 @@ def test_every_model_setting_a_study_varies_separates_configurations():
     """The pre-expert readings, expert widths, capacity and depth pattern are configuration keys:
     runs that differ in one of them are never pooled as seeds of one configuration."""
     from sectional_moe.models.spec import ModelSpec
-    from sectional_moe.report.table import _spec_columns
+    from sectional_moe.report.table import _spec_columns, to_frame
 
     base = dict(family="sectional", vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=192,
                 seq_len=64, experts=4, routing="segment_fixed")
@@ -47,9 +47,14 @@ def test_every_model_setting_a_study_varies_separates_configurations():
     assert {c["pre_expert_resolution"] for c in readings.values()} == {"short", "full", "cross"}
     moe = _spec_columns(ModelSpec(**{**base, "family": "moe", "routing": "topk"}, expert_d_ff=48, capacity_factor=1.25), {})
     assert (moe["expert_d_ff"], moe["capacity_factor"], moe["shared_expert"]) == (48, 1.25, False)
-    df = _runs([dict(family="sectional", routing="segment_fixed", experts=4, seed=s, val_ppl_best=70.0 + s,
-                     pre_expert_resolution=r) for r in ("short", "full") for s in range(2)])
-    assert sorted(aggregate(df, "val_ppl_best")["pre_expert_resolution"]) == ["full", "short"]
+    # through to_frame, the typing step every report takes (a string column typed as a number became NaN)
+    df = to_frame([{"run": f"{r}-{s}", "run_id": f"{r}{s}", "state": "done", "size": "nano", **readings[r], "seed": s,
+                    "val_ppl_best": 70.0 + s} for r in ("short", "full") for s in range(2)]
+                  + [{"run": f"moe-{s}", "run_id": f"moe{s}", "state": "done", **moe, "seed": s, "val_ppl_best": 60.0}
+                     for s in range(2)])
+    agg = aggregate(df, "val_ppl_best")
+    assert sorted(agg["pre_expert_resolution"].dropna()) == ["full", "short"]
+    assert agg.loc[agg["family"] == "moe", "shared_expert"].tolist() == [False]
 
 
 def test_paired_differences_cancel_what_the_seeds_share_and_give_a_verdict():
@@ -122,3 +127,20 @@ def test_a_learning_rate_sweep_draws_the_tuning_curve_with_each_lines_best():
     assert fig.png is not None and "best lr" in fig.caption
     flat = to_frame([{**r, "lr": 5e-3} for r in rows])
     assert fig_lr_tuning(flat, "val_loss_best").skipped
+
+
+def test_the_typed_table_keeps_every_architecture_column_a_spec_gives():
+    """to_frame types each column (int, bool, str, else float): a config column missing from its
+    type list would silently become NaN and runs differing in it would be pooled as seeds."""
+    from sectional_moe.models.spec import ModelSpec
+    from sectional_moe.report.table import _spec_columns, to_frame
+
+    base = dict(vocab_size=512, d_model=64, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=192, seq_len=64, experts=4)
+    specs = [ModelSpec(family="sectional", routing="segment_fixed", pre_expert_resolution="cross", **base),
+             ModelSpec(family="moe", routing="topk", expert_d_ff=48, capacity_factor=1.25, shared_expert=True, **base)]
+    for i, spec in enumerate(specs):
+        columns = _spec_columns(spec, {"model.seq_reduction": "experts"})
+        row = to_frame([{"run": str(i), "run_id": str(i), "state": "done", **columns}]).iloc[0]
+        for key, value in columns.items():
+            if value is not None:
+                assert row[key] == value, (spec.family, key, row[key], value)

@@ -68,8 +68,8 @@ SOURCE_SPECIFIC = ("source", "path", "error")
 INT_COLUMNS = ("experts", "top_k", "expert_d_ff", "d_ff", "seq_reduction", "sectional_every", "seed", "d_model", "n_layers", "seq_len", "vocab_size",
                "batch_tokens", "max_steps", "steady_windows")
 STR_COLUMNS = ("run", "run_id", "group", "task_name", "state", "error", "family", "size", "routing", "seq_reduction_setting",
-               "seq_pool", "mem_kind", "expert_frac", "source", "path")
-BOOL_COLUMNS = ("pre_expert", "expert_attention", "merge_proj")
+               "pre_expert_resolution", "seq_pool", "mem_kind", "expert_frac", "source", "path")
+BOOL_COLUMNS = ("pre_expert", "expert_attention", "merge_proj", "shared_expert")
 
 COLUMN_DOCS: dict[str, str] = {
     "run": "run name (its overrides without the seed)",
