@@ -231,3 +231,35 @@ def test_a_terminated_study_runner_stops_its_sweeps_and_starts_nothing_more(tmp_
     assert first == 143 and second == 143 and not (tmp_path / "started").exists() and not runner._CHILDREN
     assert not os.path.exists(f"/proc/{pid_file.read_text()}")  # stopped and reaped
     assert runner.stop_exit_code() == 143 and signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_stopped_runner_leaves_queued_sweeps_their_logs_and_writes_no_report(tmp_path, monkeypatch):
+    """After SIGTERM the queued sweeps are not announced as started, their logs from an earlier pass
+    stay, and the study's committed report is not replaced by one of a partial pass."""
+    import sys
+
+    monkeypatch.setattr(runner, "_STOPPED_BY", [])
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "sweep-01.log").write_text("the earlier pass\n")
+    noop = "import sys; sys.exit(0)"
+    calls = []
+
+    def call(cmd, **kwargs):  # the first sweep is stopped while it runs
+        calls.append(cmd)
+        runner._STOPPED_BY.append(15)
+        return 143
+
+    monkeypatch.setattr(runner, "_call", call)
+    cmds = [[sys.executable, "-c", noop, "a", "b"]] * 3
+    assert runner._run_concurrently(cmds, 1, logs) == 143
+    assert len(calls) == 1 and (logs / "sweep-01.log").read_text() == "the earlier pass\n"
+
+    runner._STOPPED_BY.clear()
+    study = catalog.load_study("cost_vs_e")
+    monkeypatch.setattr(runner, "pinned_precision", lambda extra, parallel: "trainer.precision=32-true")
+    monkeypatch.setattr(runner, "sweep_dir", lambda study, scale: tmp_path / "sweep")
+    reports = []
+    monkeypatch.setattr(runner, "_report", lambda *a: reports.append(a) or 0)
+    assert runner.run(study, "cpu", [], tmp_path / "report", parallel=2) == 143
+    assert reports == [] and not (tmp_path / "report").exists()

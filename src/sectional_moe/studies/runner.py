@@ -201,6 +201,8 @@ def _run_concurrently(commands: list[list[str]], parallel: int, log_dir: Path) -
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
 
     def one(i: int, cmd: list[str]) -> int:
+        if _STOPPED_BY:  # told to stop: the queued sweeps neither start nor truncate their earlier logs
+            return 128 + _STOPPED_BY[0]
         log = log_dir / f"sweep-{i:02d}.log"
         print(f"[{i}] start ({len(commands)} sweeps, {parallel} at a time): {' '.join(shlex.quote(c) for c in cmd[3:])}\n"
               f"[{i}]   log: {log}", flush=True)
@@ -265,6 +267,8 @@ def run(study: Study, scale: str, extra: list[str], report_out: Path | None, par
     if study.tune is not None:  # the tuning stage first: its winners go into the main sweeps
         tune_dir = REPO_ROOT / "outputs" / TASK_NAME / "multirun" / study.tune_group(scale)
         worst = _launch(train_commands(study, scale, extra, parallel, stage="tune"), parallel, tune_dir / "logs")
+        if _STOPPED_BY:  # stopped: no winners from a partial stage, no report of it
+            return max(worst, 128 + _STOPPED_BY[0])
         results = tuning_results(study, scale, extra=extra)
         tuned = winners(results)
         unfinished = [name for name, p in results["points"].items() if p["winner"] is None]
@@ -278,6 +282,8 @@ def run(study: Study, scale: str, extra: list[str], report_out: Path | None, par
             atomic_write(report_out / TUNING_FILE, json.dumps(results, indent=1))
             worst = max(worst, _report(tune_dir, report_out / "tuning", "val_loss_best", ["--group-by", "family"]))
     worst = max(worst, _launch(train_commands(study, scale, extra, parallel, tuned), parallel, sweep_dir(study, scale) / "logs"))
+    if _STOPPED_BY:  # stopped: the committed report of the last finished pass is not overwritten by a partial one
+        return max(worst, 128 + _STOPPED_BY[0])
     if report_out is not None:
         worst = max(worst, _report(sweep_dir(study, scale), report_out, study.metric, study.report.get("args", [])))
     return worst
