@@ -50,6 +50,14 @@ def test_e_sweep_covers_the_road_map_grid():
         assert sum({"model=sectional", "model.sectional_every=1", f"experts={e}"} <= j for j in jobs) == 1
     assert sum("model=dense" in j for j in jobs) == 1  # the baseline once, not once per E
     assert sum("model=moe" in j for j in jobs) == 6
+    # the alternating E = 16 points train at the value tuned at E = 16, the others at the family's
+    study = catalog.load_study("e_sweep")
+    tuned = {"dense": "0.007", "moe": "0.0035", "sectional-E16": "0.005", "sectional": "0.007"}
+    lines = [" ".join(c) for c in runner.train_commands(study, "cpu", [], tuned=tuned)]
+    e16 = [c for c in lines if "model.sectional_every=2" in c and "experts=16 " in c]
+    rest = [c for c in lines if "model=sectional" in c and c not in e16]
+    assert len(e16) == 1 and "optim.lr=0.005" in e16[0]
+    assert rest and all("optim.lr=0.007" in c for c in rest)
 
 
 @pytest.mark.parametrize("scale", ["cpu", "gpu"])
