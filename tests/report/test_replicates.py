@@ -144,3 +144,38 @@ def test_the_typed_table_keeps_every_architecture_column_a_spec_gives():
         for key, value in columns.items():
             if value is not None:
                 assert row[key] == value, (spec.family, key, row[key], value)
+
+
+def test_a_reference_on_a_nullable_column_pairs_each_arm_by_e_whatever_its_width():
+    """slicemoe_check's question: slices against parameter-matched token top-1, paired by seed and
+    E. top_k is a nullable column (empty for dense and slices without a learned router), and the
+    reference's expert width follows from its E, so the slice arm (another width) still pairs by E."""
+    from sectional_moe.report.table import to_frame
+
+    rows = [{"family": "dense", "routing": "none", "seed": s, "val_ppl_best": 80.0 + s} for s in range(3)]
+    for e in (4, 8):
+        rows += [{"family": "moe", "routing": "topk", "experts": e, "top_k": 1, "expert_d_ff": 192 // e, "seed": s,
+                  "val_ppl_best": 78.0 + e + s} for s in range(3)]
+        rows += [{"family": "sectional", "routing": "topk", "experts": e, "top_k": None, "expert_d_ff": 192, "seed": s,
+                  "val_ppl_best": 77.0 + e + s + 0.1 * s} for s in range(3)]
+    df = to_frame([{"run": str(i), "run_id": str(i), "state": "done", "size": "nano", **r} for i, r in enumerate(rows)])
+    diff = paired_differences(df, "val_ppl_best", reference={"family": "moe", "top_k": 1})
+    slices = diff[diff["family"] == "sectional"].set_index("experts")
+    assert sorted(slices.index) == [4, 8] and set(slices["n_pairs"]) == {3}
+    assert np.allclose(slices["diff_mean"], -1.0 + 0.1)  # each E against the token arm of the same E
+    assert diff[diff["family"] == "dense"].empty  # dense has no E to pair with
+
+
+def test_reference_values_keep_their_type_and_a_reference_that_selects_nothing_is_refused(tmp_path):
+    from sectional_moe.report.cli import parse_reference
+    from sectional_moe.report.replicates import check_reference
+    from sectional_moe.report.table import to_frame
+
+    assert parse_reference("family=moe,top_k=1,capacity_factor=1.25,pre_expert=false") == {
+        "family": "moe", "top_k": 1, "capacity_factor": 1.25, "pre_expert": False}
+    df = to_frame([{"run": "a", "run_id": "a", "state": "done", "family": "dense", "routing": "none", "seed": 0}])
+    check_reference(df, {"family": "dense"})
+    with pytest.raises(ValueError, match="no finished run has these values"):
+        check_reference(df, {"family": "moe", "top_k": 3})
+    with pytest.raises(ValueError, match="not a column"):
+        check_reference(df, {"famly": "moe"})

@@ -460,3 +460,11 @@ def test_theory_isoflop_reads_a_sweep_directory_as_the_report_does(sweep: Path, 
     out = json.loads(capsys.readouterr().out)
     assert out["source"] == str(sweep) and "params_non_embedding" in out["conventions"]
     assert {f["family"] for f in out["families"]} <= {"dense", "moe", "sectional"} and out["families"]
+
+
+def test_cli_refuses_a_reference_it_cannot_use_in_one_line(sweep: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    for bad in ("family=nothing", "famly=dense", "family"):
+        assert report_main([str(sweep), "--out", str(tmp_path), "--no-progress", "--reference", bad]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: --reference") and "\n" not in err
+    assert not (tmp_path / "report.md").exists()  # refused before anything was written

@@ -80,6 +80,11 @@ def test_slicemoe_check_is_parameter_matched():
             by_e.setdefault(r["experts"], {})[r["family"]] = r["params_total"]
     for e, p in by_e.items():
         assert abs(p["sectional"] - p["moe"]) / p["moe"] < 0.15, (e, p)
+    # and its report compares with that token arm, a reference the report's CLI accepts
+    from sectional_moe.report.cli import parse_reference
+
+    args = study.report["args"]
+    assert parse_reference(args[args.index("--reference") + 1]) == {"family": "moe", "top_k": 1}
 
 
 def test_commands_share_the_study_group_and_scale_overrides():

@@ -22,6 +22,7 @@ import pandas as pd
 
 from sectional_moe.report.sources.run_dirs import read_run_dir
 from sectional_moe.report.sources.wandb_offline import find_wandb_files, read_wandb_files
+from sectional_moe.report.replicates import drop_implied
 from sectional_moe.report.table import CONFIG_COLUMNS, DERIVED_CONFIG_COLUMNS, num
 from sectional_moe.theory import cost_model, fitting, isoflop
 from sectional_moe.theory.laws import CHINCHILLA, CoefficientSet, Law
@@ -128,21 +129,6 @@ def label_value(value: Any) -> str:
     if isinstance(value, (float, np.floating)) and float(value).is_integer():
         return str(int(value))
     return f"{value:.3g}" if isinstance(value, (float, np.floating)) else str(value)
-
-
-def drop_implied(df: pd.DataFrame, columns: Sequence[str], keep: Sequence[str] = ()) -> list[str]:
-    """``columns`` minus those whose value the others already determine in ``df`` (d_model and
-    n_layers by size, batch tokens by seq_len, ...), so a label names only what tells lines apart.
-    Columns in ``keep`` stay; the later columns are dropped first."""
-    named = list(dict.fromkeys(columns))
-    table = df.astype(object).where(df.notna(), "none") if len(df) else df
-    for col in reversed(list(named)):
-        others = [c for c in named if c != col]
-        if col in keep or not others or col not in table.columns:
-            continue
-        if table.groupby(others, dropna=False)[col].nunique().max() <= 1:
-            named.remove(col)
-    return named
 
 
 def group_label(key: Mapping[str, Any], *, bare: Sequence[str] = ("family", "routing")) -> str:

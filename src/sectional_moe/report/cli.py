@@ -36,17 +36,26 @@ def table_column(name: str) -> str:
 
 
 def parse_reference(text: str) -> dict[str, Any]:
-    """``family=dense,routing=none`` -> {"family": "dense", "routing": "none"}; numbers stay numbers."""
+    """``family=dense,routing=none`` -> {"family": "dense", "routing": "none"}; numbers and booleans keep their type."""
     out: dict[str, Any] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         if "=" not in part:
             raise ValueError(f"--reference {text!r}: give column=value pairs, e.g. family=dense")
-        key, value = part.split("=", 1)
-        try:
-            out[key.strip()] = int(value)
-        except ValueError:
-            out[key.strip()] = value.strip()
+        key, value = (t.strip() for t in part.split("=", 1))
+        out[key] = _typed(value)
     return out
+
+
+def _typed(value: str) -> Any:
+    """A reference value as the table holds it: int, float, bool (true/false), else the string."""
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
 
 
 def default_out(source: str) -> Path:
@@ -88,7 +97,7 @@ def parser() -> argparse.ArgumentParser:
     views.add_argument("--wandb-report-rows", type=int, default=25, help="rows of the comparison table in a W&B report (default 25)")
     views.add_argument("--wandb-timeout", type=float, default=10.0, help="seconds to wait for the W&B server (default 10)")
     p.add_argument("--n-boot", type=int, default=100, help="bootstrap resamples for the fit bands (default 100)")
-    p.add_argument("--reference", default="family=dense",
+    p.add_argument("--reference", default=None,
                    help="the runs every configuration is compared with, paired by seed: column=value[,column=value] (default family=dense)")
     p.add_argument("--fit-params", default="params_non_embedding",
                    choices=("params_non_embedding", "params_total", "params_active", "params_flop_equivalent"),
@@ -143,6 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     from sectional_moe.report.html import build_report, write_report
+    from sectional_moe.report.replicates import check_reference
 
     views = [kind for kind, on in (("workspace", args.wandb_workspace), ("report", args.wandb_report)) if on]
     project, entity, view_group = wandb_target(args)
@@ -166,8 +176,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if col not in TABLE_COLUMNS:
             print(f"error: {flag} {col!r} is not a column; columns: {', '.join(TABLE_COLUMNS)}", file=sys.stderr)
             return 2
+    try:
+        reference = parse_reference(args.reference) if args.reference else None
+        if reference is not None:
+            check_reference(table, reference)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     report = build_report(table, source=str(args.source), metric=args.metric, group_by=args.group_by, n_boot=args.n_boot,
-                          reference=parse_reference(args.reference), fit_params=args.fit_params)
+                          reference=reference, fit_params=args.fit_params)
     out = args.out or default_out(str(args.source))
     paths = write_report(report, out)
     counts = table["state"].value_counts().to_dict()

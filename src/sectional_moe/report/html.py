@@ -154,10 +154,9 @@ def build_report(table: pd.DataFrame, *, source: str, metric: str = "val_ppl_bes
     the parameter count N of the scaling-law and IsoFLOP fits."""
     if fit_params not in analysis.FIT_PARAMS:
         raise ValueError(f"--fit-params {fit_params!r}: use one of {', '.join(analysis.FIT_PARAMS)}")
-    reference = reference or {"family": "dense"}
-    unknown = [k for k in reference if k not in table.columns]
-    if unknown:
-        raise ValueError(f"--reference {','.join(unknown)}: not a column of the table")
+    if reference is not None:
+        replicates.check_reference(table, reference)
+    reference = reference or {"family": "dense"}  # the default may find no dense run: then no paired table
     if metric not in table.columns:
         raise ValueError(f"--metric {metric!r} is not a column; choose one of: {', '.join(c for c in table.columns if table[c].dtype == float)}")
     if group_by not in table.columns:

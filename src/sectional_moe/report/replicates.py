@@ -88,6 +88,40 @@ def verdict(ci_lo: float | None, ci_hi: float | None, n: int, metric: str) -> st
     return f"not distinguishable at n = {n}"
 
 
+def drop_implied(df: pd.DataFrame, columns: Sequence[str], keep: Sequence[str] = ()) -> list[str]:
+    """``columns`` minus those whose value the others already determine in ``df`` (d_model and
+    n_layers by size, batch tokens by seq_len, ...), so a label names only what tells lines apart.
+    Columns in ``keep`` stay; the later columns are dropped first."""
+    named = list(dict.fromkeys(columns))
+    table = df.astype(object).where(df.notna(), "none") if len(df) else df
+    for col in reversed(list(named)):
+        others = [c for c in named if c != col]
+        if col in keep or not others or col not in table.columns:
+            continue
+        if table.groupby(others, dropna=False)[col].nunique().max() <= 1:
+            named.remove(col)
+    return named
+
+
+def reference_mask(df: pd.DataFrame, reference: dict[str, Any]) -> np.ndarray:
+    """The rows of ``df`` whose columns hold every ``reference`` value (a missing value never matches)."""
+    hit = np.ones(len(df), dtype=bool)
+    for col, value in reference.items():
+        hit &= df[col].eq(value).fillna(False).to_numpy(dtype=bool)
+    return hit
+
+
+def check_reference(table: pd.DataFrame, reference: dict[str, Any]) -> None:
+    """A chosen reference must name columns of the table and select at least one finished run."""
+    unknown = [k for k in reference if k not in table.columns]
+    if unknown:
+        raise ValueError(f"--reference {','.join(unknown)}: not a column of the table")
+    done = table[table["state"] == "done"] if "state" in table.columns else table
+    if len(done) and not reference_mask(done, reference).any():
+        shown = ",".join(f"{k}={v}" for k, v in reference.items())
+        raise ValueError(f"--reference {shown}: no finished run has these values (e.g. family={done['family'].iloc[0]})")
+
+
 def paired_differences(df: pd.DataFrame, metric: str, reference: dict[str, Any] | None = None,
                        columns: Sequence[str] | None = None) -> pd.DataFrame:
     """Every non-reference configuration against the reference, paired by seed (module docstring).
@@ -99,15 +133,16 @@ def paired_differences(df: pd.DataFrame, metric: str, reference: dict[str, Any] 
     reference = reference or {"family": "dense"}
     done = df[(df["state"] == "done") & df[metric].notna()] if "state" in df.columns else df[df[metric].notna()]
     columns = list(columns if columns is not None else configuration_columns(df))
-    is_ref = np.ones(len(done), dtype=bool)
-    for col, value in reference.items():
-        is_ref &= (done[col] == value).to_numpy()
+    is_ref = reference_mask(done, reference)
     refs, others = done[is_ref], done[~is_ref]
     out_cols = [*columns, "n_pairs", "diff_mean", "diff_ci_lo", "diff_ci_hi", "rel_diff", "verdict"]
     if refs.empty or others.empty:
         return pd.DataFrame(columns=out_cols)
     # columns that vary among the reference runs (besides seed) are matched too: e.g. depth x steps
+    # (not those the others determine among the references: a token-MoE reference at E = 4 and 8 has
+    # expert_d_ff = d_ff/E too, and a slice MoE with another width is still paired by E)
     match = [c for c in columns if c in refs.columns and refs[c].astype(object).nunique(dropna=False) > 1]
+    match = drop_implied(refs, match)
     ref_value = {}
     for _, r in refs.iterrows():
         ref_value[(tuple(_key_frame(r.to_frame().T, match).iloc[0]) if match else (), r["seed"])] = float(r[metric])
