@@ -90,7 +90,7 @@ def test_slicemoe_check_is_parameter_matched():
 def test_commands_share_the_study_group_and_scale_overrides():
     study = catalog.load_study("e_sweep")
     cmds = runner.train_commands(study, "cpu", ["hydra/launcher=slurm"])
-    assert len(cmds) == len(study.sweep_lines("cpu")) == 4
+    assert len(cmds) == len(study.sweep_lines("cpu")) == 5  # E = 16 of the alternating line has its own
     for cmd in cmds:
         assert cmd[2] == "-m" and "group=study-e_sweep-cpu" in cmd and "experiment=study_cpu" in cmd
         assert cmd[-1] == "hydra/launcher=slurm"
@@ -276,3 +276,23 @@ def test_a_stopped_runner_leaves_queued_sweeps_their_logs_and_writes_no_report(t
     monkeypatch.setattr(runner, "_report", lambda *a: reports.append(a) or 0)
     assert runner.run(study, "cpu", [], tmp_path / "report", parallel=2) == 143
     assert reports == [] and not (tmp_path / "report").exists()
+
+
+def test_tuning_jobs_are_found_when_the_scale_and_the_stage_set_the_same_key(tmp_path):
+    """isoflop's cpu scale sets trainer.val_check_interval=auto and the tuning stage =125: Hydra's
+    sweeper keeps one override with the later value, and that is what the job records."""
+    from sectional_moe.runs.layout import RunDir
+
+    study = catalog.load_study("isoflop")
+    assert "trainer.val_check_interval=auto" in study.scale_overrides("cpu")
+    directory = tmp_path / runner.TASK_NAME / "multirun" / study.tune_group("cpu")
+    point = study.tune.points[0]
+    for i, lr in enumerate(study.tune.values):
+        recorded = [f"task_name={runner.TASK_NAME}", f"group={study.tune_group('cpu')}", "experiment=study_cpu",
+                    "trainer.val_check_interval=125", *point.train, "trainer.max_steps=500", f"optim.lr={lr}", "seed=0"]
+        run = RunDir(directory / f"job-{i}")
+        run.hydra_overrides.parent.mkdir(parents=True)
+        run.hydra_overrides.write_text("".join(f"- {o}\n" for o in recorded))
+        run.mark_done({"val/loss_best": 4.0 + i}, {})
+    result = runner.tuning_results(study, "cpu", log_dir=tmp_path)["points"][point.name]
+    assert result["missing"] == [] and result["winner"] == str(study.tune.values[0])

@@ -171,8 +171,9 @@ def tuning_results(study: Study, scale: str, log_dir: Path = REPO_ROOT / "output
                            "overrides": tune.overrides.get(scale, tune.overrides.get("*", [])), "points": {}}
     for point in tune.points:
         launched = [f"task_name={TASK_NAME}", f"group={study.tune_group(scale)}"]  # as train_commands launches them
-        jobs = [launched + study.scale_overrides(scale) + job + list(extra)
-                for job in expand_sweep(shlex.split(tune.line(point, scale)))]
+        # expanded as Hydra's sweeper does, whole: a key given twice (a scale's val_check_interval=auto,
+        # then the stage's =125) is one override with the later value, as the job recorded it
+        jobs = expand_sweep(launched + study.scale_overrides(scale) + shlex.split(tune.line(point, scale)) + list(extra))
         losses, missing = {}, []
         for job, row in zip(jobs, sweep_table(directory, jobs, list(DIRNAME_EXCLUDED), tune.seed)):
             value = next(o.split("=", 1)[1] for o in job if o.startswith(f"{tune.param}="))
