@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 
 import pytest
 
@@ -65,7 +66,7 @@ def test_every_tuning_job_composes_validates_and_is_costed_as_its_own_stage(scal
     study = dataclasses.replace(catalog.load_study("pre_expert_variants"), seeds=1)  # the shared points and its own
     rows = runner.dry_run(study, scale, peak_tflops=100.0, ends_only=True)
     tune = [r for r in rows if r["stage"] == "tune"]
-    assert len(tune) == len(study.tune.points) * len(study.tune.values)
+    assert len(tune) == len(study.tune.points) * len(study.tune.values) * len(study.tune.seeds_for(scale))
     assert all(r["tokens"] < min(m["tokens"] for m in rows if m["stage"] == "main") for r in tune)  # the short budget
     text = runner.format_dry_run(study, scale, rows)
     assert "stage tune:" in text and "stage main:" in text and ("GPU-hours" in text) == (scale == "gpu")
@@ -296,3 +297,40 @@ def test_tuning_jobs_are_found_when_the_scale_and_the_stage_set_the_same_key(tmp
         run.mark_done({"val/loss_best": 4.0 + i}, {})
     result = runner.tuning_results(study, "cpu", log_dir=tmp_path)["points"][point.name]
     assert result["missing"] == [] and result["winner"] == str(study.tune.values[0])
+
+
+def test_a_tuning_stage_with_several_seeds_trains_each_value_from_each_and_ranks_by_their_mean(tmp_path):
+    from sectional_moe.runs.layout import RunDir
+
+    study = catalog.load_study("e_sweep")
+    assert study.tune.seeds_for("cpu") == [0] and study.tune.seeds_for("gpu") == [0, 1]  # experiments/tuning/lr.yaml
+    assert "seed=0,1" in study.tune.line(study.tune.points[0], "gpu")
+    assert sum(len(expand_sweep(c[3:])) for c in runner.train_commands(study, "gpu", [], stage="tune")) == \
+        2 * sum(len(expand_sweep(c[3:])) for c in runner.train_commands(study, "cpu", [], stage="tune"))
+    # seed 0 alone prefers 0.005, the mean over both seeds 0.0035 (seed 1 of 0.005 is a bad seed)
+    study = dataclasses.replace(study, tune=dataclasses.replace(study.tune, seeds={"*": [0, 1]}))
+    losses = {("0.0035", "0"): 3.9, ("0.0035", "1"): 3.9, ("0.005", "0"): 3.85, ("0.005", "1"): 4.3}
+    directory = tmp_path / runner.TASK_NAME / "multirun" / study.tune_group("cpu")
+    point = study.tune.points[0]
+    jobs = expand_sweep([f"task_name={runner.TASK_NAME}", f"group={study.tune_group('cpu')}", *study.scale_overrides("cpu"),
+                         *shlex.split(study.tune.line(point, "cpu"))])
+    for i, job in enumerate(jobs):
+        lr, seed = (next(o.split("=", 1)[1] for o in job if o.startswith(k)) for k in ("optim.lr=", "seed="))
+        if (lr, seed) not in losses:
+            continue
+        run = RunDir(directory / f"job-{i}")
+        run.hydra_overrides.parent.mkdir(parents=True)
+        run.hydra_overrides.write_text("".join(f"- {o}\n" for o in job))
+        run.mark_done({"val/loss_best": losses[lr, seed]}, {})
+    result = runner.tuning_results(study, "cpu", log_dir=tmp_path)["points"][point.name]
+    assert result["winner"] is None and "0.002" in result["missing"]  # the other values have not run
+    assert result["val_loss_best"]["0.005"] == pytest.approx(4.075) and result["val_loss_best_by_seed"]["0.005"] == {"0": 3.85, "1": 4.3}
+
+
+def test_bad_tuning_seeds_name_the_key(tmp_path, monkeypatch):
+    monkeypatch.setattr(catalog, "STUDIES_DIR", tmp_path)
+    for bad in ("0", "[-1]", "{cpu: 0}", "true"):
+        (tmp_path / "bad.yaml").write_text("question: q?\nhypothesis: h\nmetric: val/ppl\nread: r\nsweeps: [model=dense]\n"
+                                           f"scales: {{cpu: []}}\ntune: {{base: lr, seeds: {bad}}}\n")
+        with pytest.raises(ConfigError, match="tune.seeds"):
+            catalog.load_study("bad")

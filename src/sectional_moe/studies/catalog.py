@@ -34,23 +34,27 @@ class TunePoint:
 class TuneStage:
     """A study's tuning stage: ``param`` over ``values`` per point, at a short budget, before the sweeps.
 
-    The winner of each point (lowest best validation loss) is appended to the main sweep lines it
-    applies to; the jobs live in a sweep directory shared by every study of the scale (``group``),
-    so studies that tune the same points reuse each other's runs.
+    The winner of each point (lowest best validation loss, averaged over the stage's seeds) is
+    appended to the main sweep lines it applies to; the jobs live in a sweep directory shared by
+    every study of the scale (``group``), so studies that tune the same points reuse each other's runs.
     """
 
     param: str
     values: list[Any]
     overrides: dict[str, list[str]]  # scale ("*" for every scale) -> e.g. the short budget [trainer.max_steps=500]
     points: list[TunePoint]
-    seed: int = 0
+    seeds: dict[str, list[int]] = dataclasses.field(default_factory=lambda: {"*": [0]})  # scale -> the seeds of each value
     group: str = "tune"
+
+    def seeds_for(self, scale: str) -> list[int]:
+        return self.seeds.get(scale, self.seeds.get("*", [0]))
 
     def line(self, point: TunePoint, scale: str) -> str:
         """The ``train.py -m`` line of one point's tuning sweep at ``scale``."""
         values = ",".join(str(v) for v in self.values)
         budget = self.overrides.get(scale, self.overrides.get("*", []))
-        return shlex.join([*point.train, *budget, f"{self.param}={values}", f"seed={self.seed}"])
+        seeds = ",".join(str(s) for s in self.seeds_for(scale))
+        return shlex.join([*point.train, *budget, f"{self.param}={values}", f"seed={seeds}"])
 
     def point_for(self, line: str) -> TunePoint | None:
         """The first point whose ``applies_to`` overrides all appear in a sweep line."""
@@ -91,7 +95,23 @@ def _tune_stage(raw: Any, path: Any) -> TuneStage | None:
     overrides = overrides if isinstance(overrides, dict) else {"*": overrides}
     return TuneStage(param=str(raw["param"]), values=list(raw["values"]),
                      overrides={str(k): [str(o) for o in v] for k, v in overrides.items()},
-                     points=points, seed=int(raw.get("seed", 0)), group=str(raw.get("group", "tune")))
+                     points=points, seeds=_tune_seeds(raw, path), group=str(raw.get("group", "tune")))
+
+
+def _tune_seeds(raw: dict[str, Any], path: Any) -> dict[str, list[int]]:
+    """``seed: 0`` (one seed), ``seeds: 2`` (seeds 0 and 1), ``seeds: [0, 1]``, or any of these per
+    scale (``seeds: {cpu: 1, gpu: 2}``) -> scale ("*" for every scale) -> the seeds."""
+    if "seeds" not in raw:
+        return {"*": [int(raw.get("seed", 0))]}
+    by_scale = raw["seeds"] if isinstance(raw["seeds"], dict) else {"*": raw["seeds"]}
+    out = {}
+    for scale, value in by_scale.items():
+        seeds = list(range(value)) if isinstance(value, int) and not isinstance(value, bool) else value
+        if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
+            raise ConfigError("tune.seeds", f"{path}: tune.seeds={value!r}; give a count >= 1, a list of seeds, "
+                                            "or either per scale ({cpu: 1, gpu: 2})")
+        out[str(scale)] = [int(s) for s in seeds]
+    return out
 
 
 @dataclasses.dataclass

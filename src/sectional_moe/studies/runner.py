@@ -174,17 +174,22 @@ def tuning_results(study: Study, scale: str, log_dir: Path = REPO_ROOT / "output
         # expanded as Hydra's sweeper does, whole: a key given twice (a scale's val_check_interval=auto,
         # then the stage's =125) is one override with the later value, as the job recorded it
         jobs = expand_sweep(launched + study.scale_overrides(scale) + shlex.split(tune.line(point, scale)) + list(extra))
-        losses, missing = {}, []
-        for job, row in zip(jobs, sweep_table(directory, jobs, list(DIRNAME_EXCLUDED), tune.seed)):
+        by_seed: dict[str, dict[str, float]] = {}
+        missing: list[str] = []
+        for job, row in zip(jobs, sweep_table(directory, jobs, list(DIRNAME_EXCLUDED), tune.seeds_for(scale)[0])):
             value = next(o.split("=", 1)[1] for o in job if o.startswith(f"{tune.param}="))
+            seed = next(o.split("=", 1)[1] for o in job if o.startswith("seed="))
             best = RunDir(row["dir"]).final_metrics().get("val/loss_best") if row["state"] == "done" else None
             if best is None:
                 missing.append(value)
             else:
-                losses[value] = float(best)
+                by_seed.setdefault(value, {})[seed] = float(best)
+        missing = list(dict.fromkeys(missing))
+        # a value's loss: the mean over the stage's seeds (one seed: that seed's loss)
+        losses = {v: sum(s.values()) / len(s) for v, s in by_seed.items() if v not in missing}
         winner = min(losses, key=losses.__getitem__) if losses and not missing else None
         out["points"][point.name] = {"train": point.train, "applies_to": point.applies_to, "val_loss_best": losses,
-                                     "missing": missing, "winner": winner}
+                                     "val_loss_best_by_seed": by_seed, "missing": missing, "winner": winner}
     return out
 
 
