@@ -105,7 +105,8 @@ def test_every_figure_and_ratio_is_derived_from_the_measured_step_times(quick_re
         dense = by[(r["group"], "dense", r["mode"], r["setup"])]
         assert r["tokens_per_s_vs_dense"] == pytest.approx(r["tokens_per_s"] / dense["tokens_per_s"])
         assert r["model_flops_vs_dense"] == pytest.approx(r["model_flops_per_s"] / dense["model_flops_per_s"])
-        assert (r["callback_hook_s_per_step"] is not None) == (r["mode"] == "lightning")
+        # the callbacks run where they should: in the main Lightning runs and the "on" side of the paired rounds
+        assert (r["callback_hook_s_per_step"] is not None) == (r["mode"] in ("lightning", "overhead_cb"))
         fp32 = by[(r["group"], r["label"], r["mode"], "fp32")]
         assert r["tokens_per_s_vs_fp32_eager"] == pytest.approx(r["tokens_per_s"] / fp32["tokens_per_s"])
     assert by[("nano", "dense", "lightning", "fp32")]["tokens_per_s_vs_dense"] == pytest.approx(1.0)
@@ -165,3 +166,34 @@ def test_shape_sweep_groups_ratios_by_shape_and_plots_cost_against_flops(tmp_pat
         assert len(dense) == 1 and dense[0]["tokens_per_s_vs_dense"] == pytest.approx(1.0)
     png = tmp_path / "scaling.png"
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+class _FakeRunner:
+    def __init__(self, medians):
+        self.medians, self.round_medians = iter(medians), []
+
+    def run_round(self):
+        self.round_medians.append(next(self.medians))
+
+
+def _settings(**kw):
+    base = cli.settings_from_args(["--quick", "--out", ""])
+    return runners.BenchSettings(**{**base.__dict__, **kw})
+
+
+def test_overhead_rounds_go_on_until_the_interval_is_narrow_enough_or_the_budget_is_spent():
+    noisy = [1.0 + 0.05 * (-1) ** i for i in range(400)]  # +-5 % alternating: the interval narrows as 1/sqrt(n)
+    on, off = _FakeRunner(noisy), _FakeRunner([1.0] * 400)
+    why = cli.run_overhead_rounds([on, off], _settings(overhead_rounds=4, overhead_ci=0.01),
+                                  lambda r: r.run_round())
+    n = len(on.round_medians)
+    assert n > 4 and "below 1.0%" in why
+    assert bench_report.paired_delta(on.round_medians, off.round_medians)[2] < 0.01
+    assert bench_report.paired_delta(on.round_medians[:n - 1], off.round_medians[:n - 1])[2] >= 0.01  # not one more than needed
+    on, off = _FakeRunner(noisy), _FakeRunner([1.0] * 400)
+    why = cli.run_overhead_rounds([on, off], _settings(overhead_rounds=4, overhead_ci=0.001, overhead_max_rounds=10),
+                                  lambda r: r.run_round())
+    assert len(on.round_medians) == 10 and "budget spent" in why and "target 0.1%" in why
+    on, off = _FakeRunner(noisy), _FakeRunner([1.0] * 400)
+    assert cli.run_overhead_rounds([on, off], _settings(overhead_rounds=3), lambda r: r.run_round()) == "3 rounds (fixed)"
+    assert len(on.round_medians) == 3

@@ -23,7 +23,7 @@ import torch
 from sectional_moe.bench.cases import (DEFAULT_BATCH, FAMILY_ROUTINGS, Case, Setup, build_cases, parse_combos,
                                        parse_setups, reference_case, study_cases)
 from sectional_moe.bench.probes import GemmProbe, gemm_shapes, training_gemms
-from sectional_moe.bench.report import assemble_report, plot_scaling, to_markdown, write_outputs
+from sectional_moe.bench.report import assemble_report, paired_delta, plot_scaling, to_markdown, write_outputs
 from sectional_moe.bench.runners import BenchSettings, Runner, run_bare, run_lightning
 from sectional_moe.device import choose_precision, pick_device
 from sectional_moe.files import REPO_ROOT
@@ -57,7 +57,7 @@ def build_runners(settings: BenchSettings) -> tuple[list[Case], list[Runner], li
         for s in [Setup("fp32"), Setup("bf16")]:
             runners.extend([Runner(ref, "bare", ref.batch or 8, s), Runner(ref, "reference", ref.batch or 8, s)])
     overhead: list[Runner] = []
-    if settings.overhead_rounds:
+    if settings.overhead_rounds or settings.overhead_ci:
         for case in cases:
             if case.label in settings.overhead:
                 b = settings.batch_of(case)
@@ -107,22 +107,47 @@ def run_benchmark(settings: BenchSettings, progress: Callable[[str], None] | Non
         log(f"round {rnd + 1}/{settings.rounds}: {len(order)} runs in {time.perf_counter() - t_round:.1f}s")
     for runner in runners:
         runner.state = None  # compiled modules are no longer needed: free their memory
-    # callbacks on vs off: paired runs of each overhead case, adjacent in every round, first one alternating
-    for rnd in range(settings.overhead_rounds):
-        t_round = time.perf_counter()
-        for i in range(0, len(overhead), 2):
-            pair = overhead[i:i + 2] if rnd % 2 == 0 else overhead[i:i + 2][::-1]
-            for runner in pair:
-                runner.run_round(replace(settings, steps=settings.overhead_steps), device)
-        log(f"overhead round {rnd + 1}/{settings.overhead_rounds}: {len(overhead)} runs in {time.perf_counter() - t_round:.1f}s")
+    overhead_stop = run_overhead_rounds(overhead, settings, lambda runner: runner.run_round(
+        replace(settings, steps=settings.overhead_steps), device), log)
 
     report = assemble_report(settings, device, cases, runners + overhead, probes, generic_probe, started)
     report["meta"]["machine"]["load_avg_start"] = load_start
+    report["meta"]["overhead_stop"] = overhead_stop
     if settings.out is not None:
         write_outputs(report, settings.out)
         if settings.plot:
             plot_scaling(report, settings.out / "scaling.png")
     return report
+
+
+def run_overhead_rounds(overhead: list[Runner], settings: BenchSettings, run: Callable[[Runner], Any],
+                        log: Callable[[str], None] = lambda msg: None) -> str:
+    """Callbacks on vs off: paired runs of each overhead case (pairs are consecutive runners), adjacent
+    in every round, the first of a pair alternating. ``settings.overhead_rounds`` rounds, or with
+    ``settings.overhead_ci`` as many as it takes (at least that many, at most ``overhead_max_rounds``
+    or ``overhead_max_s`` seconds) until every pair's 95 % interval of the step-time difference is
+    narrower than ±overhead_ci. Returns why the rounds stopped (written into the report)."""
+    pairs = [overhead[i:i + 2] for i in range(0, len(overhead), 2)]
+    started, rnd = time.perf_counter(), 0
+    while True:
+        widths = [(s[2] if (s := paired_delta(on.round_medians, off.round_medians)) else float("inf")) for on, off in pairs]
+        if rnd >= settings.overhead_rounds:
+            if not settings.overhead_ci:
+                return f"{rnd} rounds (fixed)"
+            if pairs and max(widths) < settings.overhead_ci:
+                return f"{rnd} rounds: every 95 % half-width below {settings.overhead_ci:.1%}"
+            if rnd >= settings.overhead_max_rounds or time.perf_counter() - started > settings.overhead_max_s:
+                return (f"{rnd} rounds, {time.perf_counter() - started:.0f} s: budget spent with the widest 95 % "
+                        f"half-width {max(widths):.1%} (target {settings.overhead_ci:.1%})")
+        if not pairs:
+            return "no overhead cases"
+        t_round = time.perf_counter()
+        for pair in pairs:
+            for runner in (pair if rnd % 2 == 0 else pair[::-1]):
+                run(runner)
+        rnd += 1
+        shown = ", ".join("–" if w == float("inf") else f"±{w:.1%}" for w in widths)
+        log(f"overhead round {rnd}: {len(overhead)} runs in {time.perf_counter() - t_round:.1f}s (95 % half-widths before it: {shown})")
 
 
 def settings_from_args(argv: Sequence[str] | None = None) -> BenchSettings:
@@ -163,6 +188,11 @@ def settings_from_args(argv: Sequence[str] | None = None) -> BenchSettings:
     p.add_argument("--overhead-rounds", type=int, default=None,
                    help="extra paired rounds of the overhead cases, callbacks on vs off (default 12; --quick 0)")
     p.add_argument("--overhead-steps", type=int, default=8, help="timed steps per overhead round")
+    p.add_argument("--overhead-ci", type=float, default=None,
+                   help="keep adding overhead rounds (after --overhead-rounds) until every case's 95 %% interval of the "
+                        "callbacks on-vs-off difference is narrower than this, e.g. 0.01 for ±1 %% (default: fixed rounds)")
+    p.add_argument("--overhead-max-rounds", type=int, default=200, help="with --overhead-ci: at most this many rounds")
+    p.add_argument("--overhead-max-s", type=float, default=3600.0, help="with --overhead-ci: at most this many seconds")
     p.add_argument("--log-every", type=int, default=None,
                    help="trainer.log_every_n_steps (default: warmup+steps, i.e. one logging step per run: "
                         "a pessimistic cadence for the callbacks' cost)")
@@ -199,6 +229,7 @@ def settings_from_args(argv: Sequence[str] | None = None) -> BenchSettings:
         reference=not a.no_reference,
         overhead_rounds=a.overhead_rounds if a.overhead_rounds is not None else (0 if quick else 12),
         overhead_steps=max(1, a.overhead_steps),
+        overhead_ci=a.overhead_ci, overhead_max_rounds=a.overhead_max_rounds, overhead_max_s=a.overhead_max_s,
     )
 
 

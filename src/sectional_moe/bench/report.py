@@ -11,7 +11,7 @@ import os
 import platform
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -155,16 +155,23 @@ def assemble_report(settings: BenchSettings, device: torch.device, cases: list[C
     }
 
 
+def paired_delta(on: Sequence[float], off: Sequence[float]) -> tuple[list[float], float, float] | None:
+    """Per round, ``on`` / ``off`` - 1 (the two ran back to back, so foreign load hits both alike):
+    the deltas, their mean and the half-width of its Student-t 95 % interval; None below 2 rounds."""
+    deltas = [a / b - 1.0 for a, b in zip(on, off)]
+    if len(deltas) < 2:
+        return None
+    return deltas, statistics.fmean(deltas), _t95(len(deltas)) * statistics.stdev(deltas) / len(deltas) ** 0.5
+
+
 def _paired_overhead(cb: dict[str, Any] | None, nocb: dict[str, Any] | None) -> dict[str, Any]:
-    """Callbacks on vs off from the dedicated paired rounds: per round, cb median / no-cb median - 1
-    (the two ran back to back, so foreign load hits both alike); mean with a Student-t 95 % interval."""
+    """Callbacks on vs off from the dedicated paired rounds (:func:`paired_delta` of the round medians)."""
     if not cb or not nocb:
         return {}
-    deltas = [a / b - 1.0 for a, b in zip(cb["round_median_step_times_s"], nocb["round_median_step_times_s"])]
-    if len(deltas) < 2:
+    stats = paired_delta(cb["round_median_step_times_s"], nocb["round_median_step_times_s"])
+    if stats is None:
         return {}
-    mean = statistics.fmean(deltas)
-    half = _t95(len(deltas)) * statistics.stdev(deltas) / len(deltas) ** 0.5
+    deltas, mean, half = stats
     return {"paired_rounds": len(deltas), "paired_deltas": deltas, "callbacks_delta_paired": mean,
             "callbacks_delta_ci95": [mean - half, mean + half], "callbacks_delta_ci95_halfwidth": half}
 

@@ -266,7 +266,7 @@ class Runner:
         if self.mode in ("bare", "reference"):
             res = run_bare(self.case, **kw, reference=self.mode == "reference")
         else:
-            res = run_lightning(self.case, **kw, callbacks_on=self.mode == "lightning", log_every=settings.log_every)
+            res = run_lightning(self.case, **kw, callbacks_on=self.mode in ("lightning", "overhead_cb"), log_every=settings.log_every)
         self.times.extend(res.step_times)
         if res.step_times:
             self.round_medians.append(statistics.median(res.step_times))
@@ -321,6 +321,9 @@ class BenchSettings:
     reference: bool = True  # our dense model against the GPT-2-style reference (bare loops)
     overhead_rounds: int = 0  # extra interleaved rounds of the overhead cases only (callbacks on vs off)
     overhead_steps: int = 8  # timed steps per overhead round
+    overhead_ci: float | None = None  # more overhead rounds until every 95 % half-width is below this (None: fixed)
+    overhead_max_rounds: int = 200
+    overhead_max_s: float = 3600.0
 
     @property
     def main_setup(self) -> Setup:
