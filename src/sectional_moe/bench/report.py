@@ -313,7 +313,8 @@ def to_markdown(report: dict[str, Any]) -> str:
         paired = [o for o in report["overhead"] if "callbacks_delta_paired" in o]
         if paired:
             lines += ["", "Callbacks on vs off in dedicated paired rounds (the two runs back to back, the first alternating; "
-                      "per round: median step with callbacks / without - 1; mean and Student-t 95 % interval over rounds):", "",
+                      "per round: median step with callbacks / without - 1; mean and Student-t 95 % interval over rounds"
+                      + (f"; rounds: {report['meta']['overhead_stop']}" if report["meta"].get("overhead_stop") else "") + "):", "",
                       "| config | rounds x steps | on vs off | 95 % CI |", "|---|---|---|---|"]
             steps = report["meta"]["settings"].get("overhead_steps")
             for o in paired:
