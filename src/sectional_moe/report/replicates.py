@@ -90,8 +90,8 @@ def verdict(ci_lo: float | None, ci_hi: float | None, n: int, metric: str) -> st
 
 def drop_implied(df: pd.DataFrame, columns: Sequence[str], keep: Sequence[str] = ()) -> list[str]:
     """``columns`` minus those whose value the others already determine in ``df`` (d_model and
-    n_layers by size, batch tokens by seq_len, ...), so a label names only what tells lines apart.
-    Columns in ``keep`` stay; the later columns are dropped first."""
+    n_layers by size, batch tokens by seq_len, ...): what a label names and what a paired
+    comparison matches on. Columns in ``keep`` stay; the later columns are dropped first."""
     named = list(dict.fromkeys(columns))
     table = df.astype(object).where(df.notna(), "none") if len(df) else df
     for col in reversed(list(named)):
