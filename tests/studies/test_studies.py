@@ -305,6 +305,8 @@ def test_a_tuning_stage_with_several_seeds_trains_each_value_from_each_and_ranks
     study = catalog.load_study("e_sweep")
     assert study.tune.seeds_for("cpu") == [0] and study.tune.seeds_for("gpu") == [0, 1]  # experiments/tuning/lr.yaml
     assert "seed=0,1" in study.tune.line(study.tune.points[0], "gpu")
+    assert "each value from seeds 0, 1 (ranked by the mean)" in runner.format_dry_run(study, "gpu", [])
+    assert "each value from seed 0," in runner.format_dry_run(study, "cpu", [])
     assert sum(len(expand_sweep(c[3:])) for c in runner.train_commands(study, "gpu", [], stage="tune")) == \
         2 * sum(len(expand_sweep(c[3:])) for c in runner.train_commands(study, "cpu", [], stage="tune"))
     # seed 0 alone prefers 0.005, the mean over both seeds 0.0035 (seed 1 of 0.005 is a bad seed)

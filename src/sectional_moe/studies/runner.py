@@ -124,8 +124,10 @@ def format_dry_run(study: Study, scale: str, rows: list[dict[str, Any]]) -> str:
     lines.append(f"total: {total_flops / 1e15:.3f} PFLOP, about {total_hours:.1f} {unit} "
                  f"at {mfu:.0%} MFU (an estimate, not a measurement)")
     if study.tune is not None:
+        seeds = study.tune.seeds_for(scale)
         lines.append(f"tuning: {study.tune.param} over {study.tune.values} per point "
-                     f"({', '.join(p.name for p in study.tune.points)}), winners applied to the main sweeps")
+                     f"({', '.join(p.name for p in study.tune.points)}), each value from seed{'s' if len(seeds) > 1 else ''} "
+                     f"{', '.join(map(str, seeds))}{' (ranked by the mean)' if len(seeds) > 1 else ''}, winners applied to the main sweeps")
     if study.seeds > 1:
         lines.append(f"seeds: every main job without its own seed runs seeds 0..{study.seeds - 1}")
     return "\n".join(lines)
