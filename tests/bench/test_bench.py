@@ -197,3 +197,10 @@ def test_overhead_rounds_go_on_until_the_interval_is_narrow_enough_or_the_budget
     on, off = _FakeRunner(noisy), _FakeRunner([1.0] * 400)
     assert cli.run_overhead_rounds([on, off], _settings(overhead_rounds=3), lambda r: r.run_round()) == "3 rounds (fixed)"
     assert len(on.round_medians) == 3
+
+
+@pytest.mark.parametrize("bad", ["0", "-0.01", "1.5"])
+def test_an_overhead_ci_outside_zero_to_one_is_refused_in_one_line(bad, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.settings_from_args(["--quick", "--out", "", "--overhead-ci", bad])
+    assert exit_.value.code == 2 and "--overhead-ci" in capsys.readouterr().err

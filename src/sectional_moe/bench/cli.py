@@ -203,6 +203,8 @@ def settings_from_args(argv: Sequence[str] | None = None) -> BenchSettings:
     p.add_argument("--out", default=str(REPO_ROOT / "docs" / "bench"), help="output directory ('' = write nothing)")
     p.add_argument("--quick", action="store_true", help="smoke run: nano preset, E=4, 2 rounds of 1+1 steps, vocab 512")
     a = p.parse_args(argv)
+    if a.overhead_ci is not None and not 0 < a.overhead_ci < 1:
+        p.error(f"--overhead-ci {a.overhead_ci}: give the 95 % half-width to reach as a fraction in (0, 1), e.g. 0.01 for ±1 %")
 
     quick = a.quick
     presets = a.presets or (["nano"] if quick else (["small", "base", "large"] if cuda else ["small"]))
