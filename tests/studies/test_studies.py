@@ -336,3 +336,42 @@ def test_bad_tuning_seeds_name_the_key(tmp_path, monkeypatch):
                                            f"scales: {{cpu: []}}\ntune: {{base: lr, seeds: {bad}}}\n")
         with pytest.raises(ConfigError, match="tune.seeds"):
             catalog.load_study("bad")
+
+
+def test_run_all_runs_the_road_map_in_order_and_a_stop_ends_the_list(monkeypatch, capsys):
+    assert set(catalog.ROAD_MAP) == set(catalog.study_names())  # every study has its place in the road map
+    calls = []
+
+    def fake_run(study, scale, overrides, out, parallel):
+        calls.append((study.name, list(overrides), out))
+        return 0
+
+    monkeypatch.setattr(cli, "run", fake_run)
+    monkeypatch.setattr(runner, "_STOPPED_BY", [])
+    assert cli.main(["run", "all", "--no-report", "hydra/launcher=slurm"]) == 0
+    assert [c[0] for c in calls] == list(catalog.ROAD_MAP)
+    assert all(c[1] == ["hydra/launcher=slurm"] and c[2] is None for c in calls)
+
+    calls.clear()
+    assert cli.main(["run", "seq_reduction", "e_sweep", "--no-report"]) == 0  # several, in the order given
+    assert [c[0] for c in calls] == ["seq_reduction", "e_sweep"]
+
+    calls.clear()
+    assert cli.main(["run", "e_sweep", "nope"]) == 2 and calls == []  # all named studies are checked first
+    assert cli.main(["run", "e_sweep", "--scale", "tpu"]) == 2 and calls == []
+    capsys.readouterr()
+
+    def stopped_run(study, scale, overrides, out, parallel):  # SIGTERM arrives during the first study
+        calls.append(study.name)
+        runner._STOPPED_BY.append(15)
+        return 143
+
+    monkeypatch.setattr(cli, "run", stopped_run)
+    assert cli.main(["run", "all", "--no-report"]) == 143 and calls == ["e_sweep"]
+
+
+def test_printed_commands_are_sweeps_a_user_can_paste(capsys):
+    assert cli.main(["commands", "cost_vs_e", "hydra/launcher=slurm"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines and all(line.startswith("python train.py -m task_name=studies ") for line in lines)
+    assert all(line.endswith("hydra/launcher=slurm") for line in lines)

@@ -169,8 +169,21 @@ class Study:
         return out
 
 
+#: the road map's order for ``run all``: the main question first, the serial timing study last
+ROAD_MAP = ("e_sweep", "pre_expert_variants", "seq_reduction", "expert_attention", "slicemoe_check", "isoflop",
+            "routing_law", "cost_vs_e")
+
+
 def study_names() -> list[str]:
     return sorted(p.stem for p in STUDIES_DIR.glob("*.yaml"))
+
+
+def road_map_order(names: list[str]) -> list[str]:
+    """``["all"]`` -> every study, road-map order first, then any other in name order; else ``names``."""
+    if names != ["all"]:
+        return names
+    known = study_names()
+    return [n for n in ROAD_MAP if n in known] + [n for n in known if n not in ROAD_MAP]
 
 
 def load_study(name: str) -> Study:
