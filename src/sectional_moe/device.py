@@ -2,7 +2,8 @@
 
 ``auto`` settings are resolved here, once: the device type (CUDA when visible), the precision
 (:func:`choose_precision`: bf16-mixed on CUDA and on CPUs whose bf16 matmuls are native and
-faster, fp32 elsewhere) and when ``torch.compile`` pays off (:class:`CompileRule`). Also a device
+faster, fp32 elsewhere), when ``torch.compile`` pays off (:class:`CompileRule`) and whether the
+host allocator keeps freed memory for the next step (:func:`reuse_host_memory`). Also a device
 synchronisation for timing and the autocast context of a precision string.
 
 Imports torch lazily (inside the functions), so configs can be validated without it.
@@ -11,7 +12,10 @@ Imports torch lazily (inside the functions), so configs can be validated without
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
+import os
+import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -251,3 +255,52 @@ def sync(device: "torch.device") -> None:
         import torch
 
         torch.cuda.synchronize(device)
+
+
+# glibc's mallopt parameters (<malloc.h>)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+#: blocks up to this size come from the process heap and stay there when freed
+HOST_MALLOC_KEEP_BYTES = 1 << 30
+#: a user's own allocator settings, which ``malloc_reuse=auto`` leaves alone
+HOST_MALLOC_USER_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES", "LD_PRELOAD")
+
+
+class HostMallocChoice(NamedTuple):
+    applied: bool
+    reason: str
+
+
+@functools.cache
+def _set_glibc_thresholds(keep_bytes: int) -> bool:
+    """Raise glibc's mmap and trim thresholds once per process; False if mallopt refuses."""
+    libc = ctypes.CDLL(None)  # the C library this process already uses
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, keep_bytes)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, keep_bytes))
+
+
+def reuse_host_memory(value: Any, device_type: str) -> HostMallocChoice:
+    """``malloc_reuse``: let glibc keep freed host memory in the process for the next training step.
+
+    A CPU step frees and allocates the same large buffers every step (activations, logits,
+    gradients: MBs to tens of MBs each). glibc serves blocks above its mmap threshold (adaptive,
+    32 MiB at most) from fresh ``mmap`` pages and hands free heap tops back to the OS, so every step
+    page-faults the same memory in again. Raising both thresholds to :data:`HOST_MALLOC_KEEP_BYTES`
+    makes those blocks reusable (``python -m sectional_moe.bench.allocator`` measures the gain per
+    job shape). The peak memory is the same (each step reaches it anyway); the process returns
+    memory to the OS only when it exits.
+
+    ``auto``: on for CPU runs with glibc unless the user set their own allocator (one of
+    :data:`HOST_MALLOC_USER_ENV`: ``LD_PRELOAD`` of jemalloc/tcmalloc, glibc's ``MALLOC_*_`` /
+    ``GLIBC_TUNABLES``); off on GPU runs (the CUDA caching allocator already reuses device memory).
+    ``true`` applies it wherever glibc is found; ``false`` leaves malloc alone.
+    """
+    if value is False or (value == "auto" and device_type != "cpu"):
+        return HostMallocChoice(False, "malloc_reuse=false" if value is False else f"{device_type} run")
+    if value == "auto":
+        user = [k for k in HOST_MALLOC_USER_ENV if os.environ.get(k)]
+        if user:
+            return HostMallocChoice(False, f"left to the user's allocator settings ({', '.join(user)})")
+    if platform.libc_ver()[0] != "glibc":
+        return HostMallocChoice(False, f"not glibc ({platform.system()} {platform.libc_ver()[0] or 'libc'}): nothing to tune")
+    if not _set_glibc_thresholds(HOST_MALLOC_KEEP_BYTES):
+        return HostMallocChoice(False, "glibc's mallopt refused the thresholds")
+    return HostMallocChoice(True, f"glibc keeps freed blocks up to {HOST_MALLOC_KEEP_BYTES >> 20} MiB (mmap and trim thresholds)")

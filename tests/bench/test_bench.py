@@ -54,7 +54,7 @@ def test_quick_bench_writes_json_and_markdown_with_metadata(quick_report, capsys
     md = (out / "bench.md").read_text()
     assert md == bench_report.to_markdown(report)
     for needle in ("| size | config | E | step ms |", "## Framework overhead", "## Targets", meta["torch"], meta["date"],
-                   "## Precision and compile, side by side", "## The studies' own job shape", "GPT-2-style"):
+                   "## Precision and compile, side by side", "## The studies' own job shape", "GPT-2-style", "- malloc_reuse: on (glibc keeps freed blocks"):
         assert needle in md
     assert "nano | sectional-segment_fixed-E4 |" in md
     assert meta["main_setup"] == "fp32" and meta["setups"] == ["fp32", "bf16"]

@@ -88,6 +88,7 @@ CONFIG_CASES = [
     ("strict-bool-compile-off", ["compile=off"], "compile", "compile='off' is not a boolean"),
     ("strict-bool-pre-expert-off", ["model.pre_expert=off"], "model.pre_expert", "use model.pre_expert=true or model.pre_expert=false"),
     ("strict-bool-force-1", ["force=1"], "force", "force=1 is not a boolean"),
+    ("strict-bool-malloc-reuse-on", ["malloc_reuse=on"], "malloc_reuse", "use malloc_reuse=true, malloc_reuse=false or malloc_reuse=auto"),
     ("strict-bool-deterministic-yes", ["trainer.deterministic=yes"], "trainer.deterministic", "or trainer.deterministic=warn"),
     # fault 8: a model that cannot fit is refused before anything is allocated, with the estimate
     ("model-cannot-fit", ["size.d_model=16384", "size.n_layers=48"], "memory_check", "GiB per rank (parameters"),

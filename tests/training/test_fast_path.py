@@ -1,9 +1,13 @@
-"""The CPU fast path: precision=auto, what stays fp32 under bf16-mixed, compile=auto's rule, the compile fallback.
+"""The CPU fast path: precision=auto, what stays fp32 under bf16-mixed, compile=auto's rule, the compile fallback,
+and malloc_reuse (freed host memory reused, not page-faulted in again).
 
 No timing here (speed is the benchmark's business): these check the decisions and their safety.
 """
 
 from __future__ import annotations
+
+import subprocess
+import sys
 
 import lightning.pytorch as pl
 import pytest
@@ -206,3 +210,48 @@ def test_clipping_inside_the_fused_optimizer_equals_clip_grad_norm():
         optimizer.zero_grad(set_to_none=True)
     for (name, a), b in zip(lit.model.named_parameters(), bare.model.parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------- malloc_reuse
+# a fresh interpreter (mallopt is process-wide): page faults of re-allocating a freed 64 MiB buffer
+_FAULTS = """
+import resource, sys
+from sectional_moe.device import reuse_host_memory
+if sys.argv[1] != "off":
+    assert reuse_host_memory({"true": True, "auto": "auto"}[sys.argv[1]], "cpu").applied
+buf = bytearray(64 << 20); del buf  # first use: faults in either case
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(4):
+    buf = bytearray(64 << 20); del buf  # bytearray writes every page (zero fill)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+def test_malloc_reuse_stops_the_page_faults_of_reallocating_freed_buffers():
+    def faults(mode: str) -> int:
+        env = {k: v for k, v in __import__("os").environ.items() if k not in dev.HOST_MALLOC_USER_ENV}
+        out = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, check=True, env=env)
+        return int(out.stdout.strip())
+
+    pages = 4 * (64 << 20) // 4096
+    assert faults("off") > pages // 2  # glibc maps and unmaps a block this size on every allocation
+    assert faults("auto") < pages // 20  # kept in the heap: the same pages again
+
+
+def test_malloc_reuse_auto_leaves_gpu_runs_and_a_users_allocator_alone(monkeypatch):
+    for key in dev.HOST_MALLOC_USER_ENV:
+        monkeypatch.delenv(key, raising=False)
+    assert dev.reuse_host_memory("auto", "cuda") == (False, "cuda run")
+    assert dev.reuse_host_memory(False, "cpu") == (False, "malloc_reuse=false")
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+    choice = dev.reuse_host_memory("auto", "cpu")
+    assert not choice.applied and "LD_PRELOAD" in choice.reason
+
+
+def test_malloc_reuse_says_when_there_is_no_glibc(monkeypatch):
+    monkeypatch.setattr(dev.platform, "libc_ver", lambda: ("", ""))
+    for key in dev.HOST_MALLOC_USER_ENV:
+        monkeypatch.delenv(key, raising=False)
+    choice = dev.reuse_host_memory(True, "cpu")
+    assert not choice.applied and choice.reason.startswith("not glibc")

@@ -25,7 +25,7 @@ from sectional_moe.bench.cases import (DEFAULT_BATCH, FAMILY_ROUTINGS, Case, Set
 from sectional_moe.bench.probes import GemmProbe, gemm_shapes, training_gemms
 from sectional_moe.bench.report import assemble_report, paired_delta, plot_scaling, to_markdown, write_outputs
 from sectional_moe.bench.runners import BenchSettings, Runner, run_bare, run_lightning
-from sectional_moe.device import choose_precision, pick_device
+from sectional_moe.device import choose_precision, pick_device, reuse_host_memory
 from sectional_moe.files import REPO_ROOT
 from sectional_moe.hardware import measure_matmul_flops
 
@@ -80,6 +80,7 @@ def run_benchmark(settings: BenchSettings, progress: Callable[[str], None] | Non
     dynamo_config.accumulated_recompile_limit = 4096
     if settings.threads:
         torch.set_num_threads(settings.threads)
+    host_malloc = reuse_host_memory(settings.malloc_reuse, device.type)  # as train.py does: what a run gets
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="lightning")
@@ -113,6 +114,7 @@ def run_benchmark(settings: BenchSettings, progress: Callable[[str], None] | Non
     report = assemble_report(settings, device, cases, runners + overhead, probes, generic_probe, started)
     report["meta"]["machine"]["load_avg_start"] = load_start
     report["meta"]["overhead_stop"] = overhead_stop
+    report["meta"]["machine"]["malloc_reuse"] = {"applied": host_malloc.applied, "reason": host_malloc.reason}
     if settings.out is not None:
         write_outputs(report, settings.out)
         if settings.plot:
@@ -199,6 +201,8 @@ def settings_from_args(argv: Sequence[str] | None = None) -> BenchSettings:
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads (default: torch's). On a shared CPU, 1 thread (or OMP_WAIT_POLICY=PASSIVE) "
                         "avoids OpenMP spin-waits stalling every op when another process holds a core")
+    p.add_argument("--malloc-reuse", default="auto", choices=("auto", "true", "false"),
+                   help="the malloc_reuse setting of train.py for this process (python -m sectional_moe.bench.allocator measures its effect)")
     p.add_argument("--probe-reps", type=int, default=2, help="timed repetitions of each GEMM shape per round")
     p.add_argument("--out", default=str(REPO_ROOT / "docs" / "bench"), help="output directory ('' = write nothing)")
     p.add_argument("--quick", action="store_true", help="smoke run: nano preset, E=4, 2 rounds of 1+1 steps, vocab 512")
@@ -232,6 +236,7 @@ def settings_from_args(argv: Sequence[str] | None = None) -> BenchSettings:
         overhead_rounds=a.overhead_rounds if a.overhead_rounds is not None else (0 if quick else 12),
         overhead_steps=max(1, a.overhead_steps),
         overhead_ci=a.overhead_ci, overhead_max_rounds=a.overhead_max_rounds, overhead_max_s=a.overhead_max_s,
+        malloc_reuse={"true": True, "false": False}.get(a.malloc_reuse, "auto"),
     )
 
 

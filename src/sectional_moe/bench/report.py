@@ -231,6 +231,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"- machine: {mach['cpu_model']}, {mach['cpu_cores']} cores, torch threads {mach['torch_threads']}"
         + (f", GPU {mach['gpu']}" if mach.get("gpu") else ", no GPU"),
         f"- load average at start / end: {_loadavg(mach.get('load_avg_start'))} / {_loadavg(mach.get('load_avg_end'))}",
+        *([f"- malloc_reuse: {'on' if mach['malloc_reuse']['applied'] else 'off'} ({mach['malloc_reuse']['reason']})"] if mach.get("malloc_reuse") else []),
         f"- torch {m['torch']}, lightning {m['lightning']}, python {m['python']}; device {m['device']}, "
         f"precision {m['precision']}, compile {m['compile']}",
         f"- git commit: {m['git_commit'] or 'unknown'}",

@@ -38,7 +38,7 @@ from sectional_moe.callbacks.nan_guard import NonFiniteError
 from sectional_moe.callbacks.preemption import cluster_callbacks
 from sectional_moe.callbacks.progress import StepProgressBar
 from sectional_moe.callbacks.threads import AdaptiveThreads
-from sectional_moe.device import choose_precision, compile_rule, resolve_compile, resolve_device_type, resolve_precision
+from sectional_moe.device import choose_precision, compile_rule, resolve_compile, resolve_device_type, resolve_precision, reuse_host_memory
 from sectional_moe.errors import ConfigError, RunLockedError, StaleRunError, StorageError
 from sectional_moe.models.flops import flops_per_token, param_counts
 from sectional_moe.models.spec import ModelSpec, spec_from_config
@@ -244,6 +244,8 @@ def train(cfg: DictConfig, *, held: contextlib.ExitStack | None = None, record: 
     if threads is not None:
         torch.set_num_threads(threads)
         log.info("CPU threads: %d (%s)", threads, why)
+    host_malloc = reuse_host_memory(cfg.get("malloc_reuse", "auto"), device)
+    log.info("host malloc reuse: %s (%s)", "on" if host_malloc.applied else "off", host_malloc.reason)
     if force and env.is_rank_zero():
         moved = rd.archive_outputs()  # force starts over; the finished work is kept, not deleted
         if moved:
@@ -310,6 +312,7 @@ def train(cfg: DictConfig, *, held: contextlib.ExitStack | None = None, record: 
         derived = derived_quantities(spec, cfg, trainer.world_size)
         derived.update({f"data/{k}": v for k, v in dm.describe().items()})
         derived.update({"precision/resolved": precision, "precision/reason": precision_choice.reason})  # what trainer.precision=auto chose
+        derived.update({"host/malloc_reuse": host_malloc.applied, "host/malloc_reason": host_malloc.reason})  # what malloc_reuse=auto chose
         for lg in loggers:
             lg.log_hyperparams(redact_secrets(logged_config(cfg, spec, derived)))
     log.info("run %s -> %s (family=%s, %.2fM params, resume from %s)", run.name, out, spec.family,

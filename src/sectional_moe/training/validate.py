@@ -31,6 +31,7 @@ CUDA_ONLY_STRATEGIES = ("fsdp", "deepspeed")
 #: such a string on, and any non-empty string is true in Python
 STRICT_BOOLS: dict[str, tuple[Any, ...]] = {
     "force": (), "train": (), "test": (), "compile": ("auto",), "print_config": ("auto",), "memory_check": (),
+    "malloc_reuse": ("auto",),
     "model.tie_embeddings": (), "model.pre_expert": (), "model.expert_attention": (), "model.merge_proj": (),
     "routing.shared_expert": (), "data.pin_memory": ("auto",), "logger.wandb.log_model": ("all",),
     "trainer.deterministic": ("warn",), "trainer.enable_progress_bar": (), "trainer.fast_dev_run": (int,),
