@@ -285,8 +285,9 @@ def reuse_host_memory(value: Any, device_type: str) -> HostMallocChoice:
     32 MiB at most) from fresh ``mmap`` pages and hands free heap tops back to the OS, so every step
     page-faults the same memory in again. Raising both thresholds to :data:`HOST_MALLOC_KEEP_BYTES`
     makes those blocks reusable (``python -m sectional_moe.bench.allocator`` measures the gain per
-    job shape). The peak memory is the same (each step reaches it anyway); the process returns
-    memory to the OS only when it exits.
+    job shape: ``docs/bench/allocator.md``). The cost is host memory: kept blocks fragment the heap,
+    so the peak RSS can be higher (up to +29 % in that benchmark), and memory goes back to the OS
+    only when the process exits; ``malloc_reuse=false`` where host RAM is what limits a run.
 
     ``auto``: on for CPU runs with glibc unless the user set their own allocator (one of
     :data:`HOST_MALLOC_USER_ENV`: ``LD_PRELOAD`` of jemalloc/tcmalloc, glibc's ``MALLOC_*_`` /
