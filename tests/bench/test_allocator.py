@@ -30,7 +30,7 @@ class _InProcessPool:
 def test_each_round_pairs_both_sides_of_every_case_and_alternates_their_order(monkeypatch):
     calls: list[tuple[str, int]] = []
     monkeypatch.setattr(allocator.multiprocessing, "get_context", lambda method: type("Ctx", (), {"Pool": lambda self, n: _InProcessPool(calls)})())
-    monkeypatch.setattr(dev, "reuse_host_memory", lambda value, device: dev.HostMallocChoice(bool(value), "fake"))
+    monkeypatch.setattr(allocator, "reuse_host_memory", lambda value, device: dev.HostMallocChoice(bool(value), "fake"))
     for key in dev.HOST_MALLOC_USER_ENV:
         monkeypatch.delenv(key, raising=False)
     report = allocator.run(rounds=3, warmup=0, steps=2, threads=1, quick=True, log=lambda msg: None)

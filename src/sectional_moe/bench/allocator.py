@@ -29,6 +29,7 @@ from typing import Any, Sequence
 
 from sectional_moe.bench.cases import Case, make_spec, reference_case, study_cases
 from sectional_moe.bench.report import paired_delta
+from sectional_moe.device import HOST_MALLOC_USER_ENV, reuse_host_memory
 from sectional_moe.files import REPO_ROOT
 
 SIDES = ("system", "reuse")
@@ -48,12 +49,10 @@ def allocator_cases(quick: bool = False) -> list[Case]:
 def train_side(side: str, case_index: int, quick: bool, warmup: int, steps: int, threads: int) -> dict[str, Any]:
     """One side of a pair, in a fresh process: set the allocator, train ``warmup + steps`` bare steps
     (fp32 eager, as the CPU runs of this machine), return the timed steps' wall times and peak RSS."""
-    from sectional_moe.device import reuse_host_memory
-
     choice = reuse_host_memory(side == "reuse", "cpu")
     if side == "reuse" and not choice.applied:
         raise RuntimeError(f"malloc_reuse could not be applied: {choice.reason}")
-    import torch
+    import torch  # after the allocator is set: torch's own start-up allocations then follow it
 
     from sectional_moe.bench.runners import run_bare
 
@@ -68,7 +67,7 @@ def run(rounds: int, warmup: int, steps: int, threads: int, quick: bool = False,
     """Every case, ``rounds`` times, each side in its own spawned process; the JSON-ready report."""
     cases = allocator_cases(quick)
     ctx = multiprocessing.get_context("spawn")  # a fresh malloc per side (fork would inherit the parent's heap)
-    env_user = {k: os.environ[k] for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES", "LD_PRELOAD") if os.environ.get(k)}
+    env_user = [k for k in HOST_MALLOC_USER_ENV if os.environ.get(k)]
     if env_user:
         raise SystemExit(f"error: unset {', '.join(env_user)}: the 'system' side must be glibc's defaults")
     medians: dict[tuple[int, str], list[float]] = {(i, s): [] for i in range(len(cases)) for s in SIDES}

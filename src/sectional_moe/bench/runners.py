@@ -323,8 +323,8 @@ class BenchSettings:
     overhead_steps: int = 8  # timed steps per overhead round
     overhead_ci: float | None = None  # more overhead rounds until every 95 % half-width is below this (None: fixed)
     overhead_max_rounds: int = 200
-    malloc_reuse: bool | str = "auto"  # train.py's malloc_reuse for the benchmark process
     overhead_max_s: float = 3600.0
+    malloc_reuse: bool | str = "auto"  # train.py's malloc_reuse for the benchmark process
 
     @property
     def main_setup(self) -> Setup:
