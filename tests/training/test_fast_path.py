@@ -6,6 +6,7 @@ No timing here (speed is the benchmark's business): these check the decisions an
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -230,7 +231,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
 def test_malloc_reuse_stops_the_page_faults_of_reallocating_freed_buffers():
     def faults(mode: str) -> int:
-        env = {k: v for k, v in __import__("os").environ.items() if k not in dev.HOST_MALLOC_USER_ENV}
+        env = {k: v for k, v in os.environ.items() if k not in dev.HOST_MALLOC_USER_ENV}
         out = subprocess.run([sys.executable, "-c", _FAULTS, mode], capture_output=True, text=True, check=True, env=env)
         return int(out.stdout.strip())
 

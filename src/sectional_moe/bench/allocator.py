@@ -8,7 +8,8 @@ thread count; foreign load hits both sides of a pair alike. Per case the report 
 medians, the paired step-time change with its Student-t 95 % interval, and the peak RSS of each
 side. Writes ``allocator.json`` and ``allocator.md`` (``--out``).
 
-Imports: torch (in the children), :mod:`sectional_moe.bench` (cases, runners, report), :mod:`sectional_moe.device`.
+Imports: torch (in the children), :mod:`sectional_moe.bench` (cases, runners, report), :mod:`sectional_moe.device`,
+:mod:`sectional_moe.hardware`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from sectional_moe.bench.cases import Case, make_spec, reference_case, study_cas
 from sectional_moe.bench.report import paired_delta
 from sectional_moe.device import HOST_MALLOC_USER_ENV, reuse_host_memory
 from sectional_moe.files import REPO_ROOT
+from sectional_moe.hardware import cpu_model
 
 SIDES = ("system", "reuse")
 DEFAULT_JOB = {"preset": "tiny", "family": "sectional", "routing": "segment_fixed", "experts": 4, "vocab": 8192, "batch": 16}
@@ -99,22 +101,12 @@ def run(rounds: int, warmup: int, steps: int, threads: int, quick: bool = False,
             row.update(step_time_change=mean, step_time_change_ci95=[mean - half, mean + half], speedup=1 / (1 + mean))
         rows.append(row)
     return {
-        "meta": {"started": started.isoformat(timespec="seconds"), "host": platform.node(), "cpu": _cpu_model(),
+        "meta": {"started": started.isoformat(timespec="seconds"), "host": platform.node(), "cpu": cpu_model(),
                  "cores": os.cpu_count(), "threads": threads, "rounds": rounds, "warmup": warmup, "steps": steps,
                  "load_avg_start": load_start, "load_avg_end": list(os.getloadavg()), "torch_precision": "32-true eager",
                  "command": "python -m sectional_moe.bench.allocator " + shlex.join(sys.argv[1:])},
         "results": rows,
     }
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def to_markdown(report: dict[str, Any]) -> str:
