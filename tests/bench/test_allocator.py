@@ -7,29 +7,17 @@ from __future__ import annotations
 import pytest
 
 from sectional_moe import device as dev
-from sectional_moe.bench import allocator
-
-
-class _InProcessPool:
-    """multiprocessing's Pool(1).apply, run here (spawned children would not see the fakes below)."""
-
-    def __init__(self, calls):
-        self.calls = calls
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def apply(self, fn, args):
-        self.calls.append(args[:2])
-        return fn(*args)
+from sectional_moe.bench import allocator, fresh
 
 
 def test_each_round_pairs_both_sides_of_every_case_and_alternates_their_order(monkeypatch):
     calls: list[tuple[str, int]] = []
-    monkeypatch.setattr(allocator.multiprocessing, "get_context", lambda method: type("Ctx", (), {"Pool": lambda self, n: _InProcessPool(calls)})())
+
+    def in_process(fn, args):  # spawned children would not see the fakes below
+        calls.append(args[:2])
+        return fn(*args)
+
+    monkeypatch.setattr(fresh, "run_in_fresh_process", in_process)
     monkeypatch.setattr(allocator, "reuse_host_memory", lambda value, device: dev.HostMallocChoice(bool(value), "fake"))
     for key in dev.HOST_MALLOC_USER_ENV:
         monkeypatch.delenv(key, raising=False)

@@ -256,3 +256,17 @@ def test_malloc_reuse_says_when_there_is_no_glibc(monkeypatch):
         monkeypatch.delenv(key, raising=False)
     choice = dev.reuse_host_memory(True, "cpu")
     assert not choice.applied and choice.reason.startswith("not glibc")
+
+
+def test_the_threaded_gradient_norm_equals_torchs_total_norm():
+    """Large CPU gradients are reduced in row blocks (all threads); small, odd-sized and strided ones whole."""
+    from sectional_moe.training.optim import total_grad_norm
+
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(16, 64, 96, generator=gen), torch.randn(257, 259, generator=gen),
+             torch.randn(300, 256, generator=gen).t(), torch.randn(7, generator=gen)]
+    exact = torch.stack([g.double().pow(2).sum() for g in grads]).sum().sqrt()
+    ours = total_grad_norm(grads)
+    assert ours.dtype == torch.float32 and ours.dim() == 0
+    torch.testing.assert_close(ours.double(), exact, rtol=1e-5, atol=0)
+    torch.testing.assert_close(ours, torch.nn.utils.get_total_norm(grads), rtol=1e-5, atol=0)

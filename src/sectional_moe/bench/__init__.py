@@ -31,5 +31,10 @@ Outputs ``bench.json`` and ``bench.md`` (default ``docs/bench/``) and prints the
 
 Modules: :mod:`~.cases` (what is measured), :mod:`~.probes` (FLOP counter, GEMM probe, memory),
 :mod:`~.runners` (bare loop and Lightning), :mod:`~.report` (statistics, Markdown), :mod:`~.cli`.
+Beside it, each with its own ``python -m``: :mod:`~.ratios` (our dense vs the GPT-2-style reference
+and token MoE vs dense, both models interleaved in each of several fresh processes),
+:mod:`~.overhead` (the metrics callbacks gated on and off in blocks inside one fit),
+:mod:`~.allocator` (``malloc_reuse`` on vs off, a fresh process per side; :mod:`~.fresh` runs
+those) and :mod:`~.quality` (bf16-mixed vs fp32 perplexity of finished runs).
 May import every package below the entry points (training, callbacks, models, hardware).
 """

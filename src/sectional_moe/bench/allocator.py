@@ -8,7 +8,7 @@ thread count; foreign load hits both sides of a pair alike. Per case the report 
 medians, the paired step-time change with its Student-t 95 % interval, and the peak RSS of each
 side. Writes ``allocator.json`` and ``allocator.md`` (``--out``).
 
-Imports: torch (in the children), :mod:`sectional_moe.bench` (cases, runners, report), :mod:`sectional_moe.device`,
+Imports: torch (in the children), :mod:`sectional_moe.bench` (cases, fresh, runners, report), :mod:`sectional_moe.device`,
 :mod:`sectional_moe.hardware`.
 """
 
@@ -17,18 +17,17 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import multiprocessing
 import os
 import platform
 import resource
 import shlex
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
 from sectional_moe.bench.cases import Case, make_spec, reference_case, study_cases
+from sectional_moe.bench.fresh import paired_rounds
 from sectional_moe.bench.report import paired_delta
 from sectional_moe.device import HOST_MALLOC_USER_ENV, reuse_host_memory
 from sectional_moe.files import REPO_ROOT
@@ -68,23 +67,16 @@ def train_side(side: str, case_index: int, quick: bool, warmup: int, steps: int,
 def run(rounds: int, warmup: int, steps: int, threads: int, quick: bool = False, log: Any = print) -> dict[str, Any]:
     """Every case, ``rounds`` times, each side in its own spawned process; the JSON-ready report."""
     cases = allocator_cases(quick)
-    ctx = multiprocessing.get_context("spawn")  # a fresh malloc per side (fork would inherit the parent's heap)
     env_user = [k for k in HOST_MALLOC_USER_ENV if os.environ.get(k)]
     if env_user:
         raise SystemExit(f"error: unset {', '.join(env_user)}: the 'system' side must be glibc's defaults")
-    medians: dict[tuple[int, str], list[float]] = {(i, s): [] for i in range(len(cases)) for s in SIDES}
-    rss: dict[tuple[int, str], list[int]] = {(i, s): [] for i in range(len(cases)) for s in SIDES}
     started = _dt.datetime.now(_dt.timezone.utc)
     load_start = list(os.getloadavg())
-    for rnd in range(rounds):
-        t0 = time.perf_counter()
-        for i in range(len(cases)):
-            for side in (SIDES if rnd % 2 == 0 else SIDES[::-1]):  # alternate which side runs first
-                with ctx.Pool(1) as pool:
-                    out = pool.apply(train_side, (side, i, quick, warmup, steps, threads))
-                medians[(i, side)].append(statistics.median(out["step_times"]))
-                rss[(i, side)].append(out["max_rss_bytes"])
-        log(f"round {rnd + 1}/{rounds}: {time.perf_counter() - t0:.1f}s")
+    pairs = [tuple((train_side, (side, i, quick, warmup, steps, threads)) for side in SIDES) for i in range(len(cases))]
+    results = paired_rounds(pairs, rounds, log)  # type: ignore[arg-type]
+    medians = {(i, side): [statistics.median(r[k]["step_times"]) for r in results[i]] for i in range(len(cases))
+               for k, side in enumerate(SIDES)}
+    rss = {(i, side): [r[k]["max_rss_bytes"] for r in results[i]] for i in range(len(cases)) for k, side in enumerate(SIDES)}
     rows = []
     for i, case in enumerate(cases):
         system, reuse = medians[(i, "system")], medians[(i, "reuse")]

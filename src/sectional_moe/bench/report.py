@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import math
 import os
 import platform
 import statistics
@@ -162,6 +163,16 @@ def paired_delta(on: Sequence[float], off: Sequence[float]) -> tuple[list[float]
     if len(deltas) < 2:
         return None
     return deltas, statistics.fmean(deltas), _t95(len(deltas)) * statistics.stdev(deltas) / len(deltas) ** 0.5
+
+
+def ratio_interval(ratios: Sequence[float]) -> tuple[float, float, float] | None:
+    """Per-round ratios of two paired sides -> (geometric mean, 95 % interval low, high), a
+    Student-t interval on the logs (a ratio and its inverse get the same interval); None below 2."""
+    logs = [math.log(r) for r in ratios]
+    if len(logs) < 2:
+        return None
+    mean, half = statistics.fmean(logs), _t95(len(logs)) * statistics.stdev(logs) / len(logs) ** 0.5
+    return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
 
 
 def _paired_overhead(cb: dict[str, Any] | None, nocb: dict[str, Any] | None) -> dict[str, Any]:

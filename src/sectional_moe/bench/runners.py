@@ -18,7 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -37,8 +37,12 @@ from sectional_moe.training.optim import build_optimizer, clip_grad_norm_in_opti
 MODES = ("lightning", "lightning_nocb", "bare")
 MODE_LABELS = {"lightning": "Lightning + metrics callbacks", "lightning_nocb": "Lightning, no callbacks",
                "bare": "bare PyTorch loop", "reference": "bare loop, GPT-2-style reference model"}
+# conf/optim/adamw.yaml's AdamW (a test keeps them equal) with the 50-step warm-up its
+# warmup_steps=auto gives a job of >= 500 steps: at the full lr from step 0, top-k routing on random
+# tokens collapses onto a few experts within ~10 steps, a state no job trains in, and the timed steps
+# would measure it. Constant after the warm-up (the schedule's shape does not change a step's cost).
 OPTIM = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1, fused="auto", schedule="constant",
-             warmup_steps=0, min_lr_ratio=0.1, decay_frac=0.2)
+             warmup_steps=50, min_lr_ratio=0.1, decay_frac=0.2)
 GRAD_CLIP = 1.0  # conf/trainer/default.yaml: the bare loop clips exactly as Lightning does
 
 
@@ -93,10 +97,15 @@ class RoundResult:
 
 
 def run_bare(case: Case, batch: int, warmup: int, steps: int, device: torch.device, precision: str,
-             compile_model: bool, measure_memory: bool, reference: bool = False, state: Any = None) -> RoundResult:
+             compile_model: bool, measure_memory: bool, reference: bool = False, state: Any = None,
+             optim: dict[str, Any] | None = None, observe: Callable[[torch.nn.Module], None] | None = None,
+             keep_state: bool = False) -> RoundResult:
     """Plain PyTorch: forward, loss, backward, clip, AdamW step, schedule step, zero_grad.
 
     ``reference``: train the GPT-2-style :class:`ReferenceGPT` instead of our model (same loop).
+    ``optim``: the optimiser and schedule (default :data:`OPTIM`);
+    ``observe`` is called with the freshly built model (e.g. to hook its routers); ``keep_state``
+    returns an eager run's state too, so the next call trains the same model on.
     ``compile_model``: compile with Inductor before the warm-up (a trial step, excluded from the
     timing); ``state`` is the previous round's (model, optimiser, scheduler, compiled model), reused.
     """
@@ -109,9 +118,13 @@ def run_bare(case: Case, batch: int, warmup: int, steps: int, device: torch.devi
             model = build_module(case.spec, device, False).to(device).model
             loss_of = lambda m, b: lm_loss(m, b).loss  # noqa: E731
         model.train()
-        optimizer = build_optimizer(model, OPTIM, device.type)
+        if observe is not None:
+            observe(model)
+        opt = OPTIM if optim is None else optim
+        optimizer = build_optimizer(model, opt, device.type)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(
-            s, schedule=OPTIM["schedule"], warmup_steps=0, max_steps=10**6, min_lr_ratio=OPTIM["min_lr_ratio"]))
+            s, schedule=opt["schedule"], warmup_steps=int(opt["warmup_steps"]), max_steps=10**6,
+            min_lr_ratio=opt["min_lr_ratio"], decay_frac=opt["decay_frac"]))
         compiled = None
         if compile_model:
             probe = make_loader(case.spec, batch, 1, device).dataset[0].unsqueeze(0).repeat(batch, 1).to(device)
@@ -150,9 +163,59 @@ def run_bare(case: Case, batch: int, warmup: int, steps: int, device: torch.devi
         else:
             ends.append(time.perf_counter())
     times = [b - a for a, b in zip([start, *ends[:-1]], ends)][warmup:]
-    keep = state if compile_model else None  # eager runs rebuild each round (bounded memory)
+    keep = state if compile_model or keep_state else None  # eager runs rebuild each round (bounded memory)
     return RoundResult(times, step_mem, static_bytes(model, optimizer), state=keep, compile_s=compile_s,
                        compile_error=compile_error)
+
+
+#: the per-step hooks of a callback (what the benchmark times and the overhead benchmark gates)
+STEP_HOOKS = ("on_train_batch_start", "on_train_batch_end", "on_before_backward", "on_after_backward",
+              "on_before_optimizer_step", "on_before_zero_grad")
+
+
+class StepTimer(pl.Callback):
+    """Batch-end timestamps (device synchronised), the callbacks' hook time per step (from ``hook_sink``,
+    reset every step) and, when ``memory_step`` is a batch index, the transient memory of that step,
+    which is then not timed. Goes last in the callback list, so a step's time includes every hook."""
+
+    def __init__(self, device: torch.device, memory_step: int | None = None, hook_sink: list[float] | None = None):
+        self.device, self.memory_step = device, memory_step
+        self.hook_sink = hook_sink if hook_sink is not None else [0.0]
+        self.ends: list[float] = []
+        self.hooks: list[float] = []
+        self.mem = StepMemory(device)
+        self.step_mem: int | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.memory_step is not None and batch_idx == self.memory_step - 1:
+            self.mem.start()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        sync(self.device)
+        if self.memory_step is not None and batch_idx == self.memory_step - 1:
+            self.step_mem = self.mem.stop()
+            return
+        self.ends.append(time.perf_counter())
+        self.hooks.append(self.hook_sink[0])
+        self.hook_sink[0] = 0.0
+
+
+def metric_callbacks() -> list[pl.Callback]:
+    """The metrics callbacks whose cost the benchmark measures (as train.py adds them, files off)."""
+    return [SpeedMonitor(cache_dir=None), MemoryMonitor(), ExpertLoadMonitor(), WandbSummary()]
+
+
+def lightning_trainer(device: torch.device, precision: str, max_steps: int, callbacks: list[pl.Callback],
+                      log_every: int) -> pl.Trainer:
+    """The benchmark's Trainer: as train.py's (clipping, precision), no logger, checkpoints, validation or bar."""
+    return pl.Trainer(
+        accelerator=device.type if device.type != "cuda" else "gpu", devices=1, precision=precision,  # type: ignore[arg-type]
+        max_steps=max_steps, max_epochs=-1, logger=False, callbacks=callbacks,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        num_sanity_val_steps=0, limit_val_batches=0, gradient_clip_val=GRAD_CLIP,
+        log_every_n_steps=log_every, check_val_every_n_epoch=None, val_check_interval=10**9,
+        default_root_dir=tempfile.mkdtemp(prefix="smoe-bench-"),  # callback files (expert_load.json) stay out of the cwd
+    )
 
 
 def _timed_hooks(callback: Any, sink: list[float]) -> None:
@@ -160,8 +223,7 @@ def _timed_hooks(callback: Any, sink: list[float]) -> None:
 
     Lightning looks hooks up with ``getattr`` on the instance, so instance attributes win.
     """
-    for name in ("on_train_batch_start", "on_train_batch_end", "on_before_backward", "on_after_backward",
-                 "on_before_optimizer_step", "on_before_zero_grad"):
+    for name in STEP_HOOKS:
         original = getattr(callback, name)
 
         def timed(*args, __original=original, **kwargs):
@@ -189,41 +251,12 @@ def run_lightning(case: Case, batch: int, warmup: int, steps: int, device: torch
     hook_sink = [0.0]
     metric_cbs: list[pl.Callback] = []
     if callbacks_on:
-        metric_cbs = [SpeedMonitor(cache_dir=None), MemoryMonitor(), ExpertLoadMonitor(), WandbSummary()]
+        metric_cbs = metric_callbacks()
         for cb in metric_cbs:
             _timed_hooks(cb, hook_sink)
 
-    class Timer(pl.Callback):
-        """Batch-end timestamps (device synchronised) and the memory of the last step."""
-
-        def __init__(self) -> None:
-            self.ends: list[float] = []
-            self.hooks: list[float] = []
-            self.mem = StepMemory(device)
-            self.step_mem: int | None = None
-
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            if measure_memory and batch_idx == total - 1:
-                self.mem.start()
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-            sync(device)
-            if measure_memory and batch_idx == total - 1:
-                self.step_mem = self.mem.stop()
-                return
-            self.ends.append(time.perf_counter())
-            self.hooks.append(hook_sink[0])
-            hook_sink[0] = 0.0
-
-    timer = Timer()
-    trainer = pl.Trainer(
-        accelerator=device.type if device.type != "cuda" else "gpu", devices=1, precision=precision,  # type: ignore[arg-type]
-        max_steps=total, max_epochs=-1, logger=False, callbacks=[*metric_cbs, timer],
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, limit_val_batches=0, gradient_clip_val=GRAD_CLIP,
-        log_every_n_steps=log_every, check_val_every_n_epoch=None, val_check_interval=10**9,
-        default_root_dir=tempfile.mkdtemp(prefix="smoe-bench-"),  # callback files (expert_load.json) stay out of the cwd
-    )
+    timer = StepTimer(device, total if measure_memory else None, hook_sink)
+    trainer = lightning_trainer(device, precision, total, [*metric_cbs, timer], log_every)
     trainer.fit(module, train_dataloaders=make_loader(case.spec, batch, total, device))
     ends = timer.ends
     times = [b - a for a, b in zip(ends[:-1], ends[1:])][max(0, warmup - 1):]
