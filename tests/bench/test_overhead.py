@@ -11,6 +11,7 @@ import torch
 
 from sectional_moe.bench import overhead
 from sectional_moe.bench.cases import build_cases, parse_combos
+from sectional_moe.bench.runners import timed_hooks
 
 
 def test_blocks_run_in_abba_order():
@@ -28,7 +29,7 @@ def test_a_gated_callback_runs_its_step_hooks_only_in_open_steps():
             self.seen.append(batch_idx)
 
     cb, sink = Counting(), [0.0]
-    overhead.gate_hooks(cb, gate, sink)
+    timed_hooks(cb, sink, gate=lambda: gate.open)
     for i in range(2 + 4 * 3):
         gate.on_train_batch_start(None, None, None, i)
         cb.on_train_batch_end(None, None, None, None, i)

@@ -16,19 +16,17 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import platform
 import resource
 import shlex
 import statistics
 import sys
-from pathlib import Path
 from typing import Any, Sequence
 
 from sectional_moe.bench.cases import Case, make_spec, reference_case, study_cases
 from sectional_moe.bench.fresh import paired_rounds
-from sectional_moe.bench.report import paired_delta
+from sectional_moe.bench.report import paired_delta, print_and_write
 from sectional_moe.device import HOST_MALLOC_USER_ENV, reuse_host_memory
 from sectional_moe.files import REPO_ROOT
 from sectional_moe.hardware import cpu_model
@@ -140,14 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: malloc_reuse tunes glibc; this interpreter does not run on glibc", file=sys.stderr)
         return 2
     report = run(a.rounds, a.warmup, a.steps, a.threads, quick=a.quick)
-    text = to_markdown(report)
-    print(text)
-    if a.out:
-        out = Path(a.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "allocator.json").write_text(json.dumps(report, indent=1) + "\n")
-        (out / "allocator.md").write_text(text)
-        print(f"wrote {out / 'allocator.json'} and {out / 'allocator.md'}")
+    print_and_write(report, to_markdown(report), a.out, "allocator")
     return 0
 
 

@@ -10,7 +10,6 @@ import datetime as _dt
 import logging
 import os
 import shlex
-import statistics
 import sys
 import time
 import warnings
@@ -24,7 +23,7 @@ from sectional_moe.bench.cases import (DEFAULT_BATCH, FAMILY_ROUTINGS, Case, Set
                                        parse_setups, reference_case, study_cases)
 from sectional_moe.bench.probes import GemmProbe, gemm_shapes, training_gemms
 from sectional_moe.bench.report import assemble_report, paired_delta, plot_scaling, to_markdown, write_outputs
-from sectional_moe.bench.runners import BenchSettings, Runner, run_bare, run_lightning
+from sectional_moe.bench.runners import BenchSettings, Runner
 from sectional_moe.device import choose_precision, pick_device, reuse_host_memory
 from sectional_moe.files import REPO_ROOT
 from sectional_moe.hardware import measure_matmul_flops

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import logging
 import os
 import platform
@@ -32,16 +31,14 @@ import statistics
 import sys
 import time
 import warnings
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import lightning.pytorch as pl
 import torch
 
 from sectional_moe.bench.cases import DEFAULT_BATCH, Case, build_cases, parse_combos
-from sectional_moe.bench.report import paired_delta
-from sectional_moe.bench.runners import (STEP_HOOKS, StepTimer, build_module, lightning_trainer, make_loader,
-                                         metric_callbacks)
+from sectional_moe.bench.report import paired_delta, print_and_write
+from sectional_moe.bench.runners import StepTimer, build_module, lightning_trainer, make_loader, metric_callbacks, timed_hooks
 from sectional_moe.device import reuse_host_memory
 from sectional_moe.files import REPO_ROOT
 from sectional_moe.hardware import cpu_model
@@ -68,23 +65,6 @@ class Gate(pl.Callback):
         self.states.append(self.open)
 
 
-def gate_hooks(callback: pl.Callback, gate: Gate, hook_sink: list[float]) -> None:
-    """Make ``callback``'s per-step hooks run only while ``gate`` is open, timing them into ``hook_sink``."""
-    for name in STEP_HOOKS:
-        original = getattr(callback, name)
-
-        def gated(*args, __original=original, **kwargs):
-            if not gate.open:
-                return None
-            t0 = time.perf_counter()
-            try:
-                return __original(*args, **kwargs)
-            finally:
-                hook_sink[0] += time.perf_counter() - t0
-
-        setattr(callback, name, gated)
-
-
 def interleaved_fit(case: Case, batch: int, pairs: int, block: int, device: torch.device, precision: str,
                     seed: int = 0) -> dict[str, Any]:
     """One fit of one block of warm-up + ``pairs`` (on, off) block pairs; per pair, the step-time
@@ -95,7 +75,7 @@ def interleaved_fit(case: Case, batch: int, pairs: int, block: int, device: torc
     gate, sink = Gate(warmup, block), [0.0]
     callbacks = metric_callbacks()
     for cb in callbacks:
-        gate_hooks(cb, gate, sink)
+        timed_hooks(cb, sink, gate=lambda: gate.open)
     timer = StepTimer(device, None, sink)
     trainer = lightning_trainer(device, precision, total, [gate, *callbacks, timer], log_every=block)
     t0 = time.perf_counter()
@@ -213,8 +193,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f"unknown or impossible configuration(s) {sorted(missing)} at preset {preset}")
     batch = a.batch_size or DEFAULT_BATCH.get(preset, 4)
 
-    import lightning.pytorch  # noqa: F401,F811  (its import resets its loggers' levels)
-
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="lightning")
@@ -233,14 +211,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        "load_avg_start": load_start, "load_avg_end": list(os.getloadavg()),
                        "command": "python -m sectional_moe.bench.overhead " + shlex.join(sys.argv[1:] if argv is None else list(argv))},
               "results": rows}
-    text = to_markdown(report)
-    print(text)
-    if a.out:
-        out = Path(a.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "overhead.json").write_text(json.dumps(report, indent=1) + "\n")
-        (out / "overhead.md").write_text(text)
-        print(f"wrote {out / 'overhead.json'} and {out / 'overhead.md'}")
+    print_and_write(report, to_markdown(report), a.out, "overhead")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""``python -m sectional_moe.bench.ratios``: issue 17's two speed ratios, each side in a fresh process.
+"""``python -m sectional_moe.bench.ratios``: issue 17's two speed ratios, both models interleaved in fresh processes.
 
 * **our dense model vs the GPT-2-style reference** (:mod:`~sectional_moe.bench.reference`, equal
   FLOPs per token) at the reference shape, bare loops, fp32 and bf16-mixed: tokens/s ratio, target
@@ -20,10 +20,11 @@ distinguishable* from the target.
 
 The optimiser is the jobs' own (``conf/optim/adamw.yaml``, with the 50-step warm-up that
 ``warmup_steps=auto`` gives any run of 500 steps or more), so the timed steps see the router of a
-job's first steps: near-balanced expert load. The benchmark's main table trains at a constant
-lr = 3e-3 without warm-up, where top-k routing on random tokens collapses onto a few experts within
-a few steps (10-13 of 16 experts empty by step 11); a job never trains there. The report gives the
-expert load the timed steps saw (max / mean assignments per expert, empty experts).
+job's first steps: near-balanced expert load. At lr = 3e-3 from the first step (the main
+benchmark's optimiser until it got the same warm-up) top-k routing on random tokens collapses onto
+a few experts within a few steps (10-13 of 16 experts empty by step 11); a job never trains there.
+The report gives the expert load the timed steps saw (max / mean assignments per expert, empty
+experts).
 
 Writes ``ratios.json`` and ``ratios.md`` (``--out``). Imports: torch and lightning (in the
 children), omegaconf, :mod:`sectional_moe.bench` (cases, fresh, report, runners),
@@ -34,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import platform
 import shlex
@@ -42,14 +42,13 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from omegaconf import OmegaConf
 
-from sectional_moe.bench.cases import Case, make_spec, reference_case
 from sectional_moe.bench import fresh
-from sectional_moe.bench.report import ratio_interval
+from sectional_moe.bench.cases import Case, make_spec, reference_case
+from sectional_moe.bench.report import print_and_write, ratio_interval
 from sectional_moe.files import CONF_DIR, REPO_ROOT
 from sectional_moe.hardware import cpu_model
 
@@ -197,6 +196,7 @@ def rate(result: dict[str, Any], metric: str) -> float:
 
 
 def verdict(low: float, high: float, target: float) -> str:
+    """*met* if the whole 95 % interval clears ``target``, *not met* if it falls short, else undecided."""
     if low >= target:
         return "met"
     if high < target:
@@ -251,7 +251,7 @@ def to_markdown(report: dict[str, Any]) -> str:
     m = report["meta"]
     threads = sorted({r["threads"] for r in report["results"]})
     lines = [
-        "# Speed ratios, each side in a fresh process", "",
+        "# Speed ratios, both models interleaved in each fresh process", "",
         (f"`{m['command']}` on {m['host']} ({m['cpu']}, {m['cores']} cores), {'/'.join(map(str, threads))} torch "
          f"thread(s), bare training loops (eager unless marked + compile); per comparison {m['rounds']} fresh processes, each training both "
          f"models: {m['warmup']} warm-up steps each, then {2 * m['pairs']} blocks of {m['block']} steps in ABBA order "
@@ -291,14 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.threads is not None and a.threads < 1:
         p.error("--threads must be >= 1")
     report = run(a.rounds, a.warmup, a.pairs, a.block, a.threads, quick=a.quick)
-    text = to_markdown(report)
-    print(text)
-    if a.out:
-        out = Path(a.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "ratios.json").write_text(json.dumps(report, indent=1) + "\n")
-        (out / "ratios.md").write_text(text)
-        print(f"wrote {out / 'ratios.json'} and {out / 'ratios.md'}")
+    print_and_write(report, to_markdown(report), a.out, "ratios")
     return 0
 
 

@@ -165,6 +165,18 @@ def paired_delta(on: Sequence[float], off: Sequence[float]) -> tuple[list[float]
     return deltas, statistics.fmean(deltas), _t95(len(deltas)) * statistics.stdev(deltas) / len(deltas) ** 0.5
 
 
+def print_and_write(report: dict[str, Any], text: str, out: str | Path | None, stem: str) -> None:
+    """Print a side benchmark's Markdown and, unless ``out`` is empty, write ``<stem>.json`` and ``<stem>.md`` there."""
+    print(text)
+    if not out:
+        return
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / f"{stem}.md").write_text(text)
+    print(f"wrote {out / f'{stem}.json'} and {out / f'{stem}.md'}")
+
+
 def ratio_interval(ratios: Sequence[float]) -> tuple[float, float, float] | None:
     """Per-round ratios of two paired sides -> (geometric mean, 95 % interval low, high), a
     Student-t interval on the logs (a ratio and its inverse get the same interval); None below 2."""

@@ -218,8 +218,9 @@ def lightning_trainer(device: torch.device, precision: str, max_steps: int, call
     )
 
 
-def _timed_hooks(callback: Any, sink: list[float]) -> None:
-    """Wrap a callback's per-step hooks so the time spent in them is added to ``sink[0]``.
+def timed_hooks(callback: Any, sink: list[float], gate: Callable[[], bool] | None = None) -> None:
+    """Wrap a callback's per-step hooks so the time spent in them is added to ``sink[0]``; with a
+    ``gate``, a hook runs only while ``gate()`` is true (the overhead benchmark's off blocks).
 
     Lightning looks hooks up with ``getattr`` on the instance, so instance attributes win.
     """
@@ -227,6 +228,8 @@ def _timed_hooks(callback: Any, sink: list[float]) -> None:
         original = getattr(callback, name)
 
         def timed(*args, __original=original, **kwargs):
+            if gate is not None and not gate():
+                return None
             t0 = time.perf_counter()
             try:
                 return __original(*args, **kwargs)
@@ -253,7 +256,7 @@ def run_lightning(case: Case, batch: int, warmup: int, steps: int, device: torch
     if callbacks_on:
         metric_cbs = metric_callbacks()
         for cb in metric_cbs:
-            _timed_hooks(cb, hook_sink)
+            timed_hooks(cb, hook_sink)
 
     timer = StepTimer(device, total if measure_memory else None, hook_sink)
     trainer = lightning_trainer(device, precision, total, [*metric_cbs, timer], log_every)
