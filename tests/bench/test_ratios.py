@@ -74,3 +74,13 @@ def test_ratio_interval_is_a_geometric_mean_and_symmetric_under_inversion():
 @pytest.mark.parametrize("low, high, verdict", [(1.01, 1.2, "met"), (0.7, 0.84, "not met"), (0.8, 0.9, "not distinguishable from the target")])
 def test_the_verdict_needs_the_whole_interval_on_one_side_of_the_target(low, high, verdict):
     assert ratios.verdict(low, high, 0.85) == verdict
+
+
+def test_the_routed_batch_and_a_name_filter_select_the_comparisons():
+    comps = ratios.comparisons(routed_batch=16, only="E = 16")
+    assert [c.name for c in comps] == ["token MoE top-k E = 16 vs dense, fp32, batch 16",
+                                       "token MoE top-k E = 16 vs dense, fp32 + compile, batch 16"]
+    assert all(ratios.case_of(side, False).batch == 16 for c in comps for side in (c.a, c.b))
+    assert ratios.case_of(ratios.comparisons()[2].a, False).batch == ratios.ROUTED_SHAPE["batch"]
+    with pytest.raises(SystemExit, match="matches none"):
+        ratios.comparisons(only="E = 64")

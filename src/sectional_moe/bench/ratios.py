@@ -67,6 +67,7 @@ class SideSpec:
     reference: bool = False  # train the GPT-2-style model instead of ours
     precision: str = "32-true"
     compile: bool = False  # Inductor, as compile=auto turns it on for a run long enough to repay it
+    batch: int | None = None  # sequences per step of a routed side (None: :data:`ROUTED_SHAPE`'s)
 
     @property
     def label(self) -> str:
@@ -86,22 +87,31 @@ class Comparison:
     target: float
 
 
-def comparisons(quick: bool = False) -> list[Comparison]:
-    """The issue-17 ratios (``quick``: one tiny comparison, a smoke test of the same path)."""
+def comparisons(quick: bool = False, routed_batch: int | None = None, only: str | None = None) -> list[Comparison]:
+    """The issue-17 ratios (``quick``: one tiny comparison, a smoke test of the same path);
+    ``routed_batch`` trains the token-MoE comparisons at that many sequences per step; ``only``
+    keeps the comparisons whose name contains it."""
     if quick:
-        return [Comparison("our dense vs GPT-2-style reference, fp32 (quick shape)", SideSpec("reference"),
-                           SideSpec("reference", reference=True), "tokens_per_s", 1.0)]
-    out = []
-    for precision, name in (("32-true", "fp32"), ("bf16-mixed", "bf16-mixed")):
-        out.append(Comparison(f"our dense vs GPT-2-style reference, {name}", SideSpec("reference", precision=precision),
-                              SideSpec("reference", reference=True, precision=precision), "tokens_per_s", 1.0))
-    for experts, target in ((16, 0.85), (8, 0.85)):
-        out.append(Comparison(f"token MoE top-k E = {experts} vs dense, fp32", SideSpec("routed", "moe", "topk", experts),
-                              SideSpec("routed"), "model_flops_per_s", target))
-    # what a long job runs: compile=auto compiles both once the run repays the compile time
-    out.append(Comparison("token MoE top-k E = 16 vs dense, fp32 + compile", SideSpec("routed", "moe", "topk", 16, compile=True),
-                          SideSpec("routed", compile=True), "model_flops_per_s", 0.85))
-    return out
+        out = [Comparison("our dense vs GPT-2-style reference, fp32 (quick shape)", SideSpec("reference"),
+                          SideSpec("reference", reference=True), "tokens_per_s", 1.0)]
+    else:
+        out = []
+        for precision, name in (("32-true", "fp32"), ("bf16-mixed", "bf16-mixed")):
+            out.append(Comparison(f"our dense vs GPT-2-style reference, {name}", SideSpec("reference", precision=precision),
+                                  SideSpec("reference", reference=True, precision=precision), "tokens_per_s", 1.0))
+        at = f", batch {routed_batch}" if routed_batch else ""
+        for experts in (16, 8):
+            out.append(Comparison(f"token MoE top-k E = {experts} vs dense, fp32{at}",
+                                  SideSpec("routed", "moe", "topk", experts, batch=routed_batch),
+                                  SideSpec("routed", batch=routed_batch), "model_flops_per_s", 0.85))
+        # what a long job runs: compile=auto compiles both once the run repays the compile time
+        out.append(Comparison(f"token MoE top-k E = 16 vs dense, fp32 + compile{at}",
+                              SideSpec("routed", "moe", "topk", 16, compile=True, batch=routed_batch),
+                              SideSpec("routed", compile=True, batch=routed_batch), "model_flops_per_s", 0.85))
+    kept = [c for c in out if only is None or only in c.name]
+    if not kept:
+        raise SystemExit(f"error: --only {only!r} matches none of {[c.name for c in out]}")
+    return kept
 
 
 def case_of(side: SideSpec, quick: bool) -> Case:
@@ -110,7 +120,7 @@ def case_of(side: SideSpec, quick: bool) -> Case:
         return reference_case(quick)
     s = {"preset": "nano", "batch": 2, "vocab": 512} if quick else ROUTED_SHAPE
     spec = make_spec(s["preset"], side.family, side.routing, side.experts, s["vocab"])
-    return Case(s["preset"], side.family, side.routing, side.experts, spec, batch=s["batch"], tag="routed")
+    return Case(s["preset"], side.family, side.routing, side.experts, spec, batch=side.batch or s["batch"], tag="routed")
 
 
 def job_optim() -> dict[str, Any]:
@@ -205,9 +215,9 @@ def verdict(low: float, high: float, target: float) -> str:
 
 
 def run(rounds: int, warmup: int, pairs: int, block: int, threads: int | None, quick: bool = False,
-        log: Any = print) -> dict[str, Any]:
+        log: Any = print, routed_batch: int | None = None, only: str | None = None) -> dict[str, Any]:
     """Every comparison, ``rounds`` fresh processes each (which side starts alternates); the JSON-ready report."""
-    comps = comparisons(quick)
+    comps = comparisons(quick, routed_batch, only)
     started = _dt.datetime.now(_dt.timezone.utc)
     load_start = list(os.getloadavg())
     results: list[list[dict[str, Any]]] = [[] for _ in comps]
@@ -282,6 +292,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads per side (default: torch's, as a job)")
     p.add_argument("--out", default=str(REPO_ROOT / "docs" / "bench"), help="output directory ('' = write nothing)")
     p.add_argument("--quick", action="store_true", help="smoke run: one comparison at the quick reference shape")
+    p.add_argument("--routed-batch", type=int, default=None,
+                   help=f"sequences per step of the token-MoE comparisons (default {ROUTED_SHAPE['batch']}, the main benchmark's)")
+    p.add_argument("--only", default=None, help="run only the comparisons whose name contains this, e.g. 'E = 16'")
     a = p.parse_args(argv)
     for key in ("rounds", "pairs", "block"):
         if getattr(a, key) < 1:
@@ -290,7 +303,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("--warmup must be >= 0")
     if a.threads is not None and a.threads < 1:
         p.error("--threads must be >= 1")
-    report = run(a.rounds, a.warmup, a.pairs, a.block, a.threads, quick=a.quick)
+    if a.routed_batch is not None and a.routed_batch < 1:
+        p.error("--routed-batch must be >= 1")
+    report = run(a.rounds, a.warmup, a.pairs, a.block, a.threads, quick=a.quick, routed_batch=a.routed_batch, only=a.only)
     print_and_write(report, to_markdown(report), a.out, "ratios")
     return 0
 
