@@ -51,7 +51,7 @@ def train_side(side: str, case_index: int, quick: bool, warmup: int, steps: int,
     choice = reuse_host_memory(side == "reuse", "cpu")
     if side == "reuse" and not choice.applied:
         raise RuntimeError(f"malloc_reuse could not be applied: {choice.reason}")
-    import torch  # after the allocator is set: torch's own start-up allocations then follow it
+    import torch  # (already imported by the bench package as the child unpickled this function; every training allocation follows the setting)
 
     from sectional_moe.bench.runners import run_bare
 

@@ -155,6 +155,8 @@ def train_pair(a: SideSpec, b: SideSpec, quick: bool, warmup: int, pairs: int, b
         torch.set_num_threads(threads)
     torch.set_flush_denormal(True)
     sides = {"a": a, "b": b}
+    cases = {key: case_of(side, quick) for key, side in sides.items()}
+    optim = job_optim()
     counts: dict[str, list[list[float]]] = {"a": [], "b": []}
     recording = {"on": False}
     states: dict[str, Any] = {}
@@ -170,9 +172,9 @@ def train_pair(a: SideSpec, b: SideSpec, quick: bool, warmup: int, pairs: int, b
         return hook
 
     def train(key: str, steps: int) -> list[float]:
-        side, case = sides[key], case_of(sides[key], quick)
+        side, case = sides[key], cases[key]
         res = run_bare(case, case.batch or 8, 0, steps, torch.device("cpu"), side.precision, side.compile, False,
-                       reference=side.reference, state=states.get(key), optim=job_optim(),
+                       reference=side.reference, state=states.get(key), optim=optim,
                        observe=None if side.compile else hook_routers(key),  # a hook's .tolist() would break the graph
                        keep_state=True)
         if key not in states:
@@ -187,8 +189,7 @@ def train_pair(a: SideSpec, b: SideSpec, quick: bool, warmup: int, pairs: int, b
         key = "a" if block_is_a(blk, a_first) else "b"
         times[key] += train(key, block)
     out: dict[str, Any] = {"threads": torch.get_num_threads()}
-    for key, side in sides.items():
-        case = case_of(side, quick)
+    for key, case in cases.items():
         tokens = (case.batch or 8) * case.spec.seq_len
         load = None
         if counts[key]:
