@@ -53,9 +53,13 @@ def test_the_quick_run_writes_a_table_with_the_interval_and_the_verdict(tmp_path
     assert all(r["pairs"] == 2 for r in report["results"]) and "budget spent" in report["meta"]["stop"]
     text = (tmp_path / "overhead.md").read_text()
     assert "| nano/dense | 2 x 64 | 2 |" in text and "ABBA" in text
+    # the command recorded is the one given to main (not pytest's), and it heads the table's conditions
+    assert report["meta"]["command"] == f"python -m sectional_moe.bench.overhead --quick --out {tmp_path} --max-s 0"
+    assert text.splitlines()[2].startswith(f"`{report['meta']['command']}` on ")
 
 
-@pytest.mark.parametrize("argv, message", [(["--ci", "2"], "--ci 2.0"), (["--configs", "sectional-topk-E3"], "impossible")])
+@pytest.mark.parametrize("argv, message", [(["--ci", "2"], "--ci 2.0"), (["--configs", "sectional-topk-E3"], "impossible"),
+                                           (["--batch-size", "0"], "--batch-size must be >= 1 (got 0)")])
 def test_bad_arguments_are_refused_in_one_line(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_:
         overhead.main([*argv, "--out", ""])

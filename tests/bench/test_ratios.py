@@ -84,3 +84,19 @@ def test_the_routed_batch_and_a_name_filter_select_the_comparisons():
     assert ratios.case_of(ratios.comparisons()[2].a, False).batch == ratios.ROUTED_SHAPE["batch"]
     with pytest.raises(SystemExit, match="matches none"):
         ratios.comparisons(only="E = 64")
+
+
+@pytest.mark.parametrize("flag", ["--rounds", "--pairs", "--block", "--threads", "--routed-batch"])
+def test_counts_below_one_are_refused_with_the_flag_named(flag, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        ratios.main([flag, "0", "--out", ""])
+    assert exit_.value.code == 2 and f"{flag} must be >= 1 (got 0)" in capsys.readouterr().err
+
+
+def test_the_report_records_the_machine_the_load_and_the_command_given(in_process):
+    report = ratios.run(rounds=1, warmup=0, pairs=1, block=1, threads=None, quick=True, log=lambda msg: None,
+                        argv=["--quick", "--rounds", "1"])
+    meta = report["meta"]
+    assert meta["command"] == "python -m sectional_moe.bench.ratios --quick --rounds 1"
+    assert {"host", "cpu", "cores", "started", "load_avg_start", "load_avg_end"} <= set(meta)
+    assert meta["rounds"] == 1 and meta["optim"]["warmup_steps"] == ratios.JOB_WARMUP_STEPS

@@ -8,28 +8,24 @@ thread count; foreign load hits both sides of a pair alike. Per case the report 
 medians, the paired step-time change with its Student-t 95 % interval, and the peak RSS of each
 side. Writes ``allocator.json`` and ``allocator.md`` (``--out``).
 
-Imports: torch (in the children), :mod:`sectional_moe.bench` (cases, fresh, runners, report), :mod:`sectional_moe.device`,
-:mod:`sectional_moe.hardware`.
+Imports: torch (in the children), :mod:`sectional_moe.bench` (cases, fresh, runners, report), :mod:`sectional_moe.device`.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import os
 import platform
 import resource
-import shlex
 import statistics
 import sys
 from typing import Any, Sequence
 
 from sectional_moe.bench.cases import Case, make_spec, reference_case, study_cases
 from sectional_moe.bench.fresh import paired_rounds
-from sectional_moe.bench.report import paired_delta, print_and_write
+from sectional_moe.bench.report import check_positive, paired_delta, print_and_write, run_conditions, run_meta, run_start
 from sectional_moe.device import HOST_MALLOC_USER_ENV, reuse_host_memory
 from sectional_moe.files import REPO_ROOT
-from sectional_moe.hardware import cpu_model
 
 SIDES = ("system", "reuse")
 DEFAULT_JOB = {"preset": "tiny", "family": "sectional", "routing": "segment_fixed", "experts": 4, "vocab": 8192, "batch": 16}
@@ -62,14 +58,15 @@ def train_side(side: str, case_index: int, quick: bool, warmup: int, steps: int,
     return {"step_times": result.step_times, "max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
-def run(rounds: int, warmup: int, steps: int, threads: int, quick: bool = False, log: Any = print) -> dict[str, Any]:
-    """Every case, ``rounds`` times, each side in its own spawned process; the JSON-ready report."""
+def run(rounds: int, warmup: int, steps: int, threads: int, quick: bool = False, log: Any = print,
+        argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Every case, ``rounds`` times, each side in its own spawned process; the JSON-ready report
+    (``argv``: the command-line arguments it records, None for the process's own)."""
     cases = allocator_cases(quick)
     env_user = [k for k in HOST_MALLOC_USER_ENV if os.environ.get(k)]
     if env_user:
         raise SystemExit(f"error: unset {', '.join(env_user)}: the 'system' side must be glibc's defaults")
-    started = _dt.datetime.now(_dt.timezone.utc)
-    load_start = list(os.getloadavg())
+    start = run_start()
     pairs = [tuple((train_side, (side, i, quick, warmup, steps, threads)) for side in SIDES) for i in range(len(cases))]
     results = paired_rounds(pairs, rounds, log)  # type: ignore[arg-type]
     medians = {(i, side): [statistics.median(r[k]["step_times"]) for r in results[i]] for i in range(len(cases))
@@ -90,23 +87,19 @@ def run(rounds: int, warmup: int, steps: int, threads: int, quick: bool = False,
             _, mean, half = stats
             row.update(step_time_change=mean, step_time_change_ci95=[mean - half, mean + half], speedup=1 / (1 + mean))
         rows.append(row)
-    return {
-        "meta": {"started": started.isoformat(timespec="seconds"), "host": platform.node(), "cpu": cpu_model(),
-                 "cores": os.cpu_count(), "threads": threads, "rounds": rounds, "warmup": warmup, "steps": steps,
-                 "load_avg_start": load_start, "load_avg_end": list(os.getloadavg()), "torch_precision": "32-true eager",
-                 "command": "python -m sectional_moe.bench.allocator " + shlex.join(sys.argv[1:])},
-        "results": rows,
-    }
+    return {"meta": run_meta(start, "sectional_moe.bench.allocator", argv, threads=threads, rounds=rounds, warmup=warmup,
+                             steps=steps, torch_precision="32-true eager"),
+            "results": rows}
 
 
 def to_markdown(report: dict[str, Any]) -> str:
     m = report["meta"]
+    command, load = run_conditions(m)
     lines = [
         "# malloc_reuse: system malloc vs freed memory kept for the next step", "",
-        (f"`{m['command']}` on {m['host']} ({m['cpu']}, {m['cores']} cores), {m['threads']} thread(s), fp32 eager bare "
+        (f"{command}, {m['threads']} thread(s), fp32 eager bare "
          f"training loop, {m['rounds']} rounds x {m['warmup']}+{m['steps']} steps per side, each side a fresh process, "
-         f"pairs back to back (order alternating); load average {m['load_avg_start'][0]:.1f} at start, "
-         f"{m['load_avg_end'][0]:.1f} at end; started {m['started']}."), "",
+         f"pairs back to back (order alternating); {load}."), "",
         "| job shape | batch x seq | system ms/step | reuse ms/step | step-time change, 95 % CI (paired) | speed-up | peak RSS system / reuse MiB |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -129,15 +122,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", default=str(REPO_ROOT / "docs" / "bench"), help="output directory ('' = write nothing)")
     p.add_argument("--quick", action="store_true", help="smoke run: the quick reference shape only")
     a = p.parse_args(argv)
-    for key in ("rounds", "steps", "threads"):
-        if getattr(a, key) < 1:
-            p.error(f"--{key} must be >= 1")
+    check_positive(p, a, "rounds", "steps", "threads")
     if a.warmup < 0:
         p.error("--warmup must be >= 0")
     if platform.libc_ver()[0] != "glibc":
         print("error: malloc_reuse tunes glibc; this interpreter does not run on glibc", file=sys.stderr)
         return 2
-    report = run(a.rounds, a.warmup, a.steps, a.threads, quick=a.quick)
+    report = run(a.rounds, a.warmup, a.steps, a.threads, quick=a.quick, argv=argv)
     print_and_write(report, to_markdown(report), a.out, "allocator")
     return 0
 

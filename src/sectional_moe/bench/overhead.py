@@ -16,19 +16,14 @@ budget is spent. The callbacks' hook time is also summed directly (what the gate
 
 Writes ``overhead.json`` and ``overhead.md`` (``--out``). Imports: torch, lightning,
 :mod:`sectional_moe.bench` (cases, report, runners), :mod:`sectional_moe.device`,
-:mod:`sectional_moe.files`, :mod:`sectional_moe.hardware`.
+:mod:`sectional_moe.files`.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import logging
-import os
-import platform
-import shlex
 import statistics
-import sys
 import time
 import warnings
 from typing import Any, Callable, Sequence
@@ -37,11 +32,10 @@ import lightning.pytorch as pl
 import torch
 
 from sectional_moe.bench.cases import DEFAULT_BATCH, Case, build_cases, parse_combos
-from sectional_moe.bench.report import paired_delta, print_and_write
+from sectional_moe.bench.report import check_positive, paired_delta, print_and_write, run_conditions, run_meta, run_start
 from sectional_moe.bench.runners import StepTimer, build_module, lightning_trainer, make_loader, metric_callbacks, timed_hooks
 from sectional_moe.device import reuse_host_memory
 from sectional_moe.files import REPO_ROOT
-from sectional_moe.hardware import cpu_model
 
 DEFAULT_CASES = ("dense", "sectional-segment_fixed-E8", "moe-topk-E8")  # the main benchmark's overhead cases
 TARGET = 0.02  # issue 17: callbacks on vs off <= 2 %, with noise below 2 %
@@ -140,13 +134,13 @@ def run(cases: Sequence[Case], batch: int, pairs: int, block: int, ci: float, ma
 
 def to_markdown(report: dict[str, Any]) -> str:
     m = report["meta"]
+    command, load = run_conditions(m)
     lines = [
         "# Metrics callbacks on vs off, interleaved in one fit", "",
-        (f"`{m['command']}` on {m['host']} ({m['cpu']}, {m['cores']} cores), {m['threads']} torch thread(s), "
+        (f"{command}, {m['threads']} torch thread(s), "
          f"{m['precision']} eager, Lightning with SpeedMonitor, MemoryMonitor, ExpertLoadMonitor and WandbSummary gated "
          f"per block of {m['block']} steps (ABBA), log_every_n_steps = {m['block']}; malloc_reuse {m['malloc_reuse']}; "
-         f"load average {m['load_avg_start'][0]:.1f} at start, {m['load_avg_end'][0]:.1f} at end; started {m['started']}; "
-         f"stopped: {m['stop']}."), "",
+         f"{load}; stopped: {m['stop']}."), "",
         "| config | batch x seq | block pairs | step ms (off) | callbacks on vs off | 95 % CI | hook time / step | "
         "target: on vs off <= 2 %, half-width < 2 % | interval excludes > 2 % |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -179,9 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     a = p.parse_args(argv)
     if not 0 < a.ci < 1:
         p.error(f"--ci {a.ci}: give the 95 % half-width as a fraction in (0, 1), e.g. 0.01")
-    for key in ("pairs", "block"):
-        if getattr(a, key) < 1:
-            p.error(f"--{key} must be >= 1")
+    check_positive(p, a, "pairs", "block", "threads", "batch_size")
     preset, labels, pairs, block, vocab = a.preset, a.configs, a.pairs, a.block, a.vocab_size
     if a.quick:
         preset, labels, pairs, block, vocab = "nano", ["dense", "moe-topk-E4"], 2, 2, 512
@@ -202,14 +194,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.set_flush_denormal(True)
-    started = _dt.datetime.now(_dt.timezone.utc)
-    load_start = list(os.getloadavg())
+    start = run_start()
     rows, why = run(cases, batch, pairs, block, a.ci, a.max_s, device, "32-true")
-    report = {"meta": {"started": started.isoformat(timespec="seconds"), "host": platform.node(), "cpu": cpu_model(),
-                       "cores": os.cpu_count(), "threads": torch.get_num_threads(), "precision": "fp32", "block": block,
-                       "pairs_per_fit": pairs, "ci_target": a.ci, "stop": why, "malloc_reuse": "on" if host.applied else "off",
-                       "load_avg_start": load_start, "load_avg_end": list(os.getloadavg()),
-                       "command": "python -m sectional_moe.bench.overhead " + shlex.join(sys.argv[1:] if argv is None else list(argv))},
+    report = {"meta": run_meta(start, "sectional_moe.bench.overhead", argv, threads=torch.get_num_threads(), precision="fp32",
+                               block=block, pairs_per_fit=pairs, ci_target=a.ci, stop=why,
+                               malloc_reuse="on" if host.applied else "off"),
               "results": rows}
     print_and_write(report, to_markdown(report), a.out, "overhead")
     return 0

@@ -28,18 +28,13 @@ experts).
 
 Writes ``ratios.json`` and ``ratios.md`` (``--out``). Imports: torch and lightning (in the
 children), omegaconf, :mod:`sectional_moe.bench` (cases, fresh, report, runners),
-:mod:`sectional_moe.device`, :mod:`sectional_moe.files`, :mod:`sectional_moe.hardware`.
+:mod:`sectional_moe.device`, :mod:`sectional_moe.files`.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import os
-import platform
-import shlex
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -48,9 +43,8 @@ from omegaconf import OmegaConf
 
 from sectional_moe.bench import fresh
 from sectional_moe.bench.cases import Case, make_spec, reference_case
-from sectional_moe.bench.report import print_and_write, ratio_interval
+from sectional_moe.bench.report import check_positive, print_and_write, ratio_interval, run_conditions, run_meta, run_start
 from sectional_moe.files import CONF_DIR, REPO_ROOT
-from sectional_moe.hardware import cpu_model
 
 JOB_WARMUP_STEPS = 50  # what warmup_steps=auto resolves to for any run of >= 500 steps
 ROUTED_SHAPE = {"preset": "small", "batch": 4, "vocab": 8192}  # the main benchmark's default shape
@@ -216,11 +210,12 @@ def verdict(low: float, high: float, target: float) -> str:
 
 
 def run(rounds: int, warmup: int, pairs: int, block: int, threads: int | None, quick: bool = False,
-        log: Any = print, routed_batch: int | None = None, only: str | None = None) -> dict[str, Any]:
-    """Every comparison, ``rounds`` fresh processes each (which side starts alternates); the JSON-ready report."""
+        log: Any = print, routed_batch: int | None = None, only: str | None = None,
+        argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Every comparison, ``rounds`` fresh processes each (which side starts alternates); the JSON-ready
+    report (``argv``: the command-line arguments it records, None for the process's own)."""
     comps = comparisons(quick, routed_batch, only)
-    started = _dt.datetime.now(_dt.timezone.utc)
-    load_start = list(os.getloadavg())
+    start = run_start()
     results: list[list[dict[str, Any]]] = [[] for _ in comps]
     for rnd in range(rounds):
         t0 = time.perf_counter()
@@ -248,27 +243,24 @@ def run(rounds: int, warmup: int, pairs: int, block: int, threads: int | None, q
         else:
             row.update(ratio=ratios[0], ratio_ci95=None, verdict="n/a (1 round)")
         rows.append(row)
-    return {
-        "meta": {"started": started.isoformat(timespec="seconds"), "host": platform.node(), "cpu": cpu_model(),
-                 "cores": os.cpu_count(), "rounds": rounds, "warmup": warmup, "pairs": pairs, "block": block,
-                 "load_avg_start": load_start, "load_avg_end": list(os.getloadavg()),
-                 "optim": {k: v for k, v in job_optim().items() if k in ("lr", "schedule", "warmup_steps")},
-                 "command": "python -m sectional_moe.bench.ratios " + shlex.join(sys.argv[1:])},
-        "results": rows,
-    }
+    optim = {k: v for k, v in job_optim().items() if k in ("lr", "schedule", "warmup_steps")}
+    return {"meta": run_meta(start, "sectional_moe.bench.ratios", argv, rounds=rounds, warmup=warmup, pairs=pairs,
+                             block=block, optim=optim),
+            "results": rows}
 
 
 def to_markdown(report: dict[str, Any]) -> str:
     m = report["meta"]
     threads = sorted({r["threads"] for r in report["results"]})
+    command, load = run_conditions(m)
     lines = [
         "# Speed ratios, both models interleaved in each fresh process", "",
-        (f"`{m['command']}` on {m['host']} ({m['cpu']}, {m['cores']} cores), {'/'.join(map(str, threads))} torch "
+        (f"{command}, {'/'.join(map(str, threads))} torch "
          f"thread(s), bare training loops (eager unless marked + compile); per comparison {m['rounds']} fresh processes, each training both "
          f"models: {m['warmup']} warm-up steps each, then {2 * m['pairs']} blocks of {m['block']} steps in ABBA order "
          f"(which side starts alternates between processes); a process's ratio from each side's median step; optimiser as the jobs' "
          f"(lr {m['optim']['lr']}, {m['optim']['schedule']}, {m['optim']['warmup_steps']} warm-up steps); "
-         f"load average {m['load_avg_start'][0]:.1f} at start, {m['load_avg_end'][0]:.1f} at end; started {m['started']}."), "",
+         f"{load}."), "",
         "| comparison | shape | a ms/step | b ms/step | ratio a/b (geometric mean) | 95 % CI | target | verdict | expert load of a (max/mean, empty) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -297,16 +289,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help=f"sequences per step of the token-MoE comparisons (default {ROUTED_SHAPE['batch']}, the main benchmark's)")
     p.add_argument("--only", default=None, help="run only the comparisons whose name contains this, e.g. 'E = 16'")
     a = p.parse_args(argv)
-    for key in ("rounds", "pairs", "block"):
-        if getattr(a, key) < 1:
-            p.error(f"--{key} must be >= 1")
+    check_positive(p, a, "rounds", "pairs", "block", "threads", "routed_batch")
     if a.warmup < 0:
         p.error("--warmup must be >= 0")
-    if a.threads is not None and a.threads < 1:
-        p.error("--threads must be >= 1")
-    if a.routed_batch is not None and a.routed_batch < 1:
-        p.error("--routed-batch must be >= 1")
-    report = run(a.rounds, a.warmup, a.pairs, a.block, a.threads, quick=a.quick, routed_batch=a.routed_batch, only=a.only)
+    report = run(a.rounds, a.warmup, a.pairs, a.block, a.threads, quick=a.quick, routed_batch=a.routed_batch, only=a.only,
+                 argv=argv)
     print_and_write(report, to_markdown(report), a.out, "ratios")
     return 0
 

@@ -1,6 +1,9 @@
 """The benchmark's report: statistics per (case, mode), ratios to dense, framework overhead, targets, Markdown, plot.
 
-Imports: torch (versions), lightning (version), :mod:`sectional_moe.bench` (cases, probes, runners).
+Also the side benchmarks' shared pieces: run metadata, a ratio's interval, the report writer.
+
+Imports: torch (versions), lightning (version), :mod:`sectional_moe.bench` (cases, probes, runners),
+:mod:`sectional_moe.hardware`, :mod:`sectional_moe.models.flops`.
 """
 
 from __future__ import annotations
@@ -10,7 +13,9 @@ import json
 import math
 import os
 import platform
+import shlex
 import statistics
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,6 +24,7 @@ import torch
 from sectional_moe.bench.cases import Case
 from sectional_moe.bench.probes import MIB, GemmProbe, git_commit, machine_info
 from sectional_moe.bench.runners import MODES, BenchSettings, Runner, median, quartiles, step_time
+from sectional_moe.hardware import cpu_model
 from sectional_moe.models.flops import flops_per_token
 
 SCHEMA_VERSION = 2  # 2: setups (precision x compile) side by side, studies' shape, reference model, paired overhead
@@ -163,6 +169,34 @@ def paired_delta(on: Sequence[float], off: Sequence[float]) -> tuple[list[float]
     if len(deltas) < 2:
         return None
     return deltas, statistics.fmean(deltas), _t95(len(deltas)) * statistics.stdev(deltas) / len(deltas) ** 0.5
+
+
+def run_start() -> dict[str, Any]:
+    """When a side benchmark starts: the UTC time and the load averages (the first ``meta`` fields)."""
+    return {"started": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "load_avg_start": list(os.getloadavg())}
+
+
+def run_meta(start: dict[str, Any], module: str, argv: Sequence[str] | None, **fields: Any) -> dict[str, Any]:
+    """A side benchmark's ``meta``: ``start`` (:func:`run_start`), the machine, ``fields``, the load
+    averages at the end and the command that reproduces the run (``argv``: as given to ``main``,
+    None for the process's own arguments)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    return {**start, "host": platform.node(), "cpu": cpu_model(), "cores": os.cpu_count(), **fields,
+            "load_avg_end": list(os.getloadavg()), "command": f"python -m {module} {shlex.join(args)}".rstrip()}
+
+
+def run_conditions(m: dict[str, Any]) -> tuple[str, str]:
+    """The two halves of a side benchmark's conditions sentence: command and machine; load and start time."""
+    return (f"`{m['command']}` on {m['host']} ({m['cpu']}, {m['cores']} cores)",
+            f"load average {m['load_avg_start'][0]:.1f} at start, {m['load_avg_end'][0]:.1f} at end; started {m['started']}")
+
+
+def check_positive(parser: Any, args: Any, *keys: str) -> None:
+    """``parser.error`` unless every ``--key`` in ``keys`` (attribute names) that is set is >= 1."""
+    for key in keys:
+        value = getattr(args, key)
+        if value is not None and value < 1:
+            parser.error(f"--{key.replace('_', '-')} must be >= 1 (got {value})")
 
 
 def print_and_write(report: dict[str, Any], text: str, out: str | Path | None, stem: str) -> None:
