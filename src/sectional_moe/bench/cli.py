@@ -7,12 +7,10 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import logging
 import os
 import shlex
 import sys
 import time
-import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -23,7 +21,7 @@ from sectional_moe.bench.cases import (DEFAULT_BATCH, FAMILY_ROUTINGS, Case, Set
                                        parse_setups, reference_case, study_cases)
 from sectional_moe.bench.probes import GemmProbe, gemm_shapes, training_gemms
 from sectional_moe.bench.report import assemble_report, paired_delta, plot_scaling, to_markdown, write_outputs
-from sectional_moe.bench.runners import BenchSettings, Runner
+from sectional_moe.bench.runners import BenchSettings, Runner, quiet_lightning
 from sectional_moe.device import choose_precision, pick_device, reuse_host_memory
 from sectional_moe.files import REPO_ROOT
 from sectional_moe.hardware import measure_matmul_flops
@@ -80,10 +78,7 @@ def run_benchmark(settings: BenchSettings, progress: Callable[[str], None] | Non
     if settings.threads:
         torch.set_num_threads(settings.threads)
     host_malloc = reuse_host_memory(settings.malloc_reuse, device.type)  # as train.py does: what a run gets
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", module="lightning")
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    quiet_lightning()
 
     started = _dt.datetime.now(_dt.timezone.utc)
     load_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None

@@ -22,10 +22,8 @@ Writes ``overhead.json`` and ``overhead.md`` (``--out``). Imports: torch, lightn
 from __future__ import annotations
 
 import argparse
-import logging
 import statistics
 import time
-import warnings
 from typing import Any, Callable, Sequence
 
 import lightning.pytorch as pl
@@ -33,7 +31,7 @@ import torch
 
 from sectional_moe.bench.cases import DEFAULT_BATCH, Case, build_cases, parse_combos
 from sectional_moe.bench.report import check_positive, paired_delta, print_and_write, run_conditions, run_meta, run_start
-from sectional_moe.bench.runners import StepTimer, build_module, lightning_trainer, make_loader, metric_callbacks, timed_hooks
+from sectional_moe.bench.runners import StepTimer, build_module, lightning_trainer, make_loader, metric_callbacks, quiet_lightning, timed_hooks
 from sectional_moe.device import reuse_host_memory
 from sectional_moe.files import REPO_ROOT
 
@@ -185,10 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error(f"unknown or impossible configuration(s) {sorted(missing)} at preset {preset}")
     batch = a.batch_size or DEFAULT_BATCH.get(preset, 4)
 
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
-    logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", module="lightning")
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    quiet_lightning()
     device = torch.device("cpu")
     host = reuse_host_memory("auto", device.type)
     if a.threads:

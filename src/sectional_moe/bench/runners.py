@@ -13,9 +13,11 @@ Imports: torch, lightning, :mod:`sectional_moe.training` (module, optim, compili
 from __future__ import annotations
 
 import contextlib
+import logging
 import statistics
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -203,6 +205,14 @@ class StepTimer(pl.Callback):
 def metric_callbacks() -> list[pl.Callback]:
     """The metrics callbacks whose cost the benchmark measures (as train.py adds them, files off)."""
     return [SpeedMonitor(cache_dir=None), MemoryMonitor(), ExpertLoadMonitor(), WandbSummary()]
+
+
+def quiet_lightning() -> None:
+    """Silence Lightning's per-fit banners and its few-workers warning: a benchmark runs many short fits."""
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="lightning")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
 
 def lightning_trainer(device: torch.device, precision: str, max_steps: int, callbacks: list[pl.Callback],
